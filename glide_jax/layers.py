@@ -1,0 +1,124 @@
+"""Building blocks shared by GLIDE's text transformer and U-Net (NHWC, flax.linen).
+
+Normalisation layers always compute in float32 whatever the compute dtype, as the reference does
+for its fp16 models: statistics over thousands of activations lose too much in half precision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+GROUPNORM_GROUPS = 32
+NORM_EPS = 1e-5
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm over 32 groups of contiguous channels, computed in float32, optional SiLU after."""
+
+    swish: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        if channels % GROUPNORM_GROUPS:
+            raise ValueError(f"GroupNorm32 needs channels divisible by {GROUPNORM_GROUPS}, got {channels} "
+                             f"(input shape {x.shape}); choose num_channels and channel_mult accordingly")
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        h = x.astype(jnp.float32)
+        grouped = h.reshape(*h.shape[:-1], GROUPNORM_GROUPS, channels // GROUPNORM_GROUPS)
+        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+        grouped = (grouped - mean) * jax.lax.rsqrt(var + NORM_EPS)
+        y = grouped.reshape(h.shape) * scale + bias
+        if self.swish:
+            y = nn.silu(y)
+        return y.astype(x.dtype)
+
+
+class LayerNorm32(nn.Module):
+    """LayerNorm over the last axis computed in float32 (torch's epsilon), output in the input's dtype."""
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+        h = x.astype(jnp.float32)
+        mean = h.mean(axis=-1, keepdims=True)
+        var = jnp.square(h - mean).mean(axis=-1, keepdims=True)
+        y = (h - mean) * jax.lax.rsqrt(var + NORM_EPS) * scale + bias
+        return y.astype(x.dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin], zero-padded if dim is odd."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding  # [B, dim]
+
+
+def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over [B, T, heads, ch] queries and [B, S, heads, ch] keys/values.
+
+    q and k are each scaled by ch**-1/4 before the product (rather than dividing the logits by
+    sqrt(ch) afterwards) so half-precision logits stay in range; the softmax runs in float32.
+    """
+    scale = 1.0 / math.sqrt(math.sqrt(q.shape[-1]))
+    logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bhts,bshc->bthc", weights, v)  # [B, T, heads, ch]
+
+
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] interpolation weights of torch's bilinear resize with align_corners=False."""
+    scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        lo = min(int(src), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = src - lo
+        matrix[i, lo] += 1.0 - frac
+        matrix[i, hi] += frac
+    return matrix
+
+
+def resize_bilinear(images: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of NHWC images, matching torch's `interpolate(mode="bilinear",
+    align_corners=False)` exactly (no antialiasing, edge clamping), for any size ratio.
+
+    `jax.image.resize` antialiases when shrinking and so would not reproduce the reference.
+    """
+    rows = jnp.asarray(_bilinear_matrix(images.shape[1], height), images.dtype)
+    cols = jnp.asarray(_bilinear_matrix(images.shape[2], width), images.dtype)
+    precision = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("oh,bhwc->bowc", rows, images, precision=precision)
+    return jnp.einsum("pw,bowc->bopc", cols, out, precision=precision)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
+    # Explicit padding: flax's "SAME" pads (0, 1) for stride 2 on even sizes, torch pads (1, 1).
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))

@@ -1,0 +1,307 @@
+"""GLIDE's text-conditional U-Net family in Flax (NHWC).
+
+The four released variants (base text-to-image, super-resolution, inpainting, super-resolution
+inpainting) share one network; they differ only in how the input image is assembled, which
+`ModelConfig.inpaint` / `ModelConfig.super_res` select in `GlideUNet.denoise`.
+
+Submodule names follow the reference's module tree (`input_blocks_{i}_{j}` is the reference's
+`input_blocks.i.j`), so the checkpoint converter maps keys by rule rather than by table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from .config import ConfigError, ModelConfig
+from .layers import (Dtype, GroupNorm32, avg_pool_2x2, conv3x3, multihead_attention, resize_bilinear,
+                     timestep_embedding, upsample_nearest)
+from .text_encoder import TextEncoder
+
+TextOutputs = dict[str, jax.Array]
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep(+text) embedding, optionally resampling by 2."""
+
+    out_channels: int
+    use_scale_shift_norm: bool
+    dropout: float = 0.0
+    resample: str | None = None  # None, "up" or "down"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, deterministic: bool = True):
+        h = GroupNorm32(swish=True, name="in_norm")(x)
+        if self.resample == "up":
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.resample == "down":
+            h, x = avg_pool_2x2(h), avg_pool_2x2(x)
+        h = conv3x3(self.out_channels, self.dtype, "in_conv")(h)
+
+        emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = nn.Dense(emb_width, dtype=self.dtype, param_dtype=jnp.float32, name="emb_proj")(nn.silu(emb))
+        emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = GroupNorm32(swish=False, name="out_norm")(h) * (1 + scale) + shift
+            h = nn.silu(h)
+        else:
+            h = GroupNorm32(swish=True, name="out_norm")(h + emb_out)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv3x3(self.out_channels, self.dtype, "out_conv")(h)
+
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                        name="skip_connection")(x)
+        assert x.shape == h.shape, (x.shape, h.shape)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over image positions; with text, the caption's tokens are prepended to the keys
+    and values (the text is not masked: GLIDE attends to padding positions too)."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, xf_out=None):
+        batch, height, width, channels = x.shape
+        head_ch = channels // self.heads
+        h = GroupNorm32(name="norm")(x).reshape(batch, height * width, channels)
+        # Fused projections are laid out [head][q|k|v][channel], matching the reference's weights.
+        qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+        qkv = qkv.reshape(batch, height * width, self.heads, 3, head_ch)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if xf_out is not None:
+            ekv = nn.Dense(2 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="encoder_kv")(
+                xf_out.astype(self.dtype))
+            ekv = ekv.reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
+            k = jnp.concatenate([ekv[..., 0, :], k], axis=1)
+            v = jnp.concatenate([ekv[..., 1, :], v], axis=1)
+        out = multihead_attention(q, k, v).reshape(batch, height * width, channels)
+        out = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(out)
+        return x + out.reshape(x.shape)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution (used when `resblock_updown` is off)."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return conv3x3(self.channels, self.dtype, "op", stride=2)(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution (used when `resblock_updown` is off)."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return conv3x3(self.channels, self.dtype, "conv")(upsample_nearest(x))
+
+
+def _attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    if num_head_channels == -1:
+        if channels % num_heads:
+            raise ConfigError(f"attention over {channels} channels cannot be split into num_heads={num_heads}")
+        return num_heads
+    if channels % num_head_channels:
+        raise ConfigError(f"attention over {channels} channels is not divisible by "
+                          f"num_head_channels={num_head_channels}")
+    return channels // num_head_channels
+
+
+class UNet(nn.Module):
+    """The U-Net torso: time embedding, down path, middle, up path with skips, output head."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True):
+        cfg = self.config
+        model_ch = cfg.num_channels
+        attention_rates = cfg.attention_downsample_rates
+        heads_down = cfg.num_heads
+        heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
+
+        def res_block(out_ch, name, resample=None):
+            return ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, name=name)
+
+        def attention(ch, heads, name):
+            return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, name=name)
+
+        emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
+        emb = nn.Dense(cfg.time_embed_dim, dtype=self.dtype, param_dtype=jnp.float32, name="time_embed_0")(emb)
+        emb = nn.Dense(cfg.time_embed_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                       name="time_embed_2")(nn.silu(emb))
+        if xf_proj is not None:
+            emb = emb + xf_proj.astype(emb.dtype)
+
+        ch = cfg.channel_multipliers[0] * model_ch
+        h = conv3x3(ch, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
+        skips, skip_channels = [h], [ch]
+        rate, block = 1, 1
+        levels = len(cfg.channel_multipliers)
+        for level, mult in enumerate(cfg.channel_multipliers):
+            for _ in range(cfg.num_res_blocks):
+                ch = mult * model_ch
+                h = res_block(ch, f"input_blocks_{block}_0")(h, emb, deterministic)
+                if rate in attention_rates:
+                    h = attention(ch, heads_down, f"input_blocks_{block}_1")(h, xf_out)
+                skips.append(h)
+                skip_channels.append(ch)
+                block += 1
+            if level != levels - 1:
+                name = f"input_blocks_{block}_0"
+                if cfg.resblock_updown:
+                    h = res_block(ch, name, resample="down")(h, emb, deterministic)
+                else:
+                    h = Downsample(ch, self.dtype, name=name)(h)
+                skips.append(h)
+                skip_channels.append(ch)
+                rate *= 2
+                block += 1
+
+        h = res_block(ch, "middle_block_0")(h, emb, deterministic)
+        h = attention(ch, heads_down, "middle_block_1")(h, xf_out)
+        h = res_block(ch, "middle_block_2")(h, emb, deterministic)
+
+        block = 0
+        for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
+            for i in range(cfg.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                skip_channels.pop()
+                ch = mult * model_ch
+                layer = 0
+                h = res_block(ch, f"output_blocks_{block}_{layer}")(h, emb, deterministic)
+                if rate in attention_rates:
+                    layer += 1
+                    h = attention(ch, heads_up, f"output_blocks_{block}_{layer}")(h, xf_out)
+                if level and i == cfg.num_res_blocks:
+                    layer += 1
+                    name = f"output_blocks_{block}_{layer}"
+                    if cfg.resblock_updown:
+                        h = res_block(ch, name, resample="up")(h, emb, deterministic)
+                    else:
+                        h = Upsample(ch, self.dtype, name=name)(h)
+                    rate //= 2
+                block += 1
+        assert not skips and not skip_channels
+
+        # The output head runs in float32 even under reduced precision, as the reference keeps it.
+        h = GroupNorm32(swish=True, name="out_norm")(h.astype(jnp.float32))
+        return conv3x3(cfg.out_channels, jnp.float32, "out_conv")(h)  # [B, H, W, 6]
+
+
+class GlideUNet(nn.Module):
+    """A GLIDE model: optional text transformer + U-Net, with the variant's input assembly.
+
+    Call it whole (`__call__`), or split so a sampler encodes the caption once and then runs only
+    the U-Net at every step: `encode_text` then `denoise`.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        if cfg.has_text:
+            self.text_encoder = TextEncoder(
+                text_ctx=cfg.text_ctx, width=cfg.xf_width, layers=cfg.xf_layers, heads=cfg.xf_heads,
+                n_vocab=cfg.n_vocab, final_ln=cfg.xf_final_ln, padding=cfg.xf_padding,
+                proj_dim=cfg.time_embed_dim, dtype=self.dtype)
+        self.unet = UNet(cfg, self.dtype)
+
+    def encode_text(self, tokens, mask=None) -> TextOutputs | None:
+        if not self.config.has_text:
+            return None
+        return self.text_encoder(tokens, mask)
+
+    def denoise(self, x, timesteps, text: TextOutputs | None = None, *, low_res=None, inpaint_image=None,
+                inpaint_mask=None, deterministic: bool = True):
+        cfg = self.config
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"x must be NHWC with 3 channels, got shape {x.shape}")
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {timesteps.shape}")
+        if cfg.has_text and text is None:
+            raise ValueError("this model is text-conditional: pass tokens (and mask) or encode_text's output")
+        parts = [x]
+        if cfg.inpaint:
+            if inpaint_image is None:
+                inpaint_image = jnp.zeros_like(x)
+            if inpaint_mask is None:
+                inpaint_mask = jnp.zeros_like(x[..., :1])
+            _check_shape("inpaint_image", inpaint_image, x.shape)
+            _check_shape("inpaint_mask", inpaint_mask, x.shape[:3] + (1,))
+            parts += [inpaint_image * inpaint_mask, inpaint_mask.astype(x.dtype)]
+        if cfg.super_res:
+            if low_res is None:
+                raise ValueError("this is a super-resolution model: low_res is required")
+            if low_res.ndim != 4 or low_res.shape[0] != x.shape[0] or low_res.shape[-1] != 3:
+                raise ValueError(f"low_res must be NHWC [{x.shape[0]}, h, w, 3], got {low_res.shape}")
+            parts.append(resize_bilinear(low_res.astype(x.dtype), x.shape[1], x.shape[2]))
+        h = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
+        xf_proj = text["xf_proj"] if text is not None else None
+        xf_out = text["xf_out"] if text is not None else None
+        out = self.unet(h, timesteps, xf_proj, xf_out, deterministic)
+        return out.astype(x.dtype)
+
+    def __call__(self, x, timesteps, tokens=None, mask=None, *, low_res=None, inpaint_image=None,
+                 inpaint_mask=None, deterministic: bool = True):
+        text = self.encode_text(tokens, mask) if self.config.has_text else None
+        return self.denoise(x, timesteps, text, low_res=low_res, inpaint_image=inpaint_image,
+                            inpaint_mask=inpaint_mask, deterministic=deterministic)
+
+
+def _check_shape(name: str, value, expected: tuple[int, ...]) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def example_inputs(config: ModelConfig, batch: int = 1) -> dict[str, Any]:
+    """Zero inputs of the right shapes for `GlideUNet.__call__`, for `init` and `jax.eval_shape`."""
+    size = config.image_size
+    inputs: dict[str, Any] = {
+        "x": jnp.zeros((batch, size, size, 3), jnp.float32),
+        "timesteps": jnp.zeros((batch,), jnp.int32),
+        "tokens": jnp.zeros((batch, config.text_ctx), jnp.int32) if config.has_text else None,
+        "mask": jnp.ones((batch, config.text_ctx), bool) if config.has_text else None,
+    }
+    if config.super_res:
+        low = max(size // 4, 1)
+        inputs["low_res"] = jnp.zeros((batch, low, low, 3), jnp.float32)
+    if config.inpaint:
+        inputs["inpaint_image"] = jnp.zeros((batch, size, size, 3), jnp.float32)
+        inputs["inpaint_mask"] = jnp.zeros((batch, size, size, 1), jnp.float32)
+    return inputs
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
+    """Freshly initialised float32 parameters for `config` (compute dtype does not change them)."""
+    model = GlideUNet(config, dtype)
+    inputs = example_inputs(config)
+    return jax.jit(lambda k: model.init(k, **inputs)["params"])(key)
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating anything."""
+    model = GlideUNet(config)
+    inputs = example_inputs(config)
+    return jax.eval_shape(lambda k: model.init(k, **inputs)["params"], jax.random.key(0))
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
