@@ -612,8 +612,13 @@ class DataLoader:
                 try:
                     example = self._load(index, epoch, offset - 1)
                 except SkipExample as skip:
-                    stats["skipped"][skip.reason] = stats["skipped"].get(skip.reason, 0) + 1
-                    log.warning("skipping record %d of %s: %s", index, self._fingerprint, skip)
+                    count = stats["skipped"].get(skip.reason, 0) + 1
+                    stats["skipped"][skip.reason] = count
+                    # A broken data set must not flood the log: every skip up to ten per
+                    # reason, then every thousandth (the counts stay exact in `stats`).
+                    level = logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG
+                    log.log(level, "skipping record %d of %s (%s #%d): %s", index,
+                            self._fingerprint, skip.reason, count, skip.detail)
                     continue
                 used_this_epoch += 1
                 stats["examples"] += 1

@@ -1,0 +1,315 @@
+"""Data pipeline: sources, preprocessing, skipping, determinism, host sharding, exact resume,
+low-res degradation and inpainting masks."""
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glide_jax import data as D
+from glide_jax import masks as M
+
+
+def _png_bytes(colour, size=(24, 16), fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """13 good records (png/jpg/webp, some nested, one grayscale), one corrupt image with a
+    caption, one image without caption."""
+    root = tmp_path / "images"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for i in range(13):
+        ext = ("png", "jpg", "webp")[i % 3]
+        where = root if i < 6 else (root / "sub" if i < 10 else root / "sub" / "deeper")
+        fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
+        img = Image.new("L" if i == 4 else "RGB", (20 + i, 16), (i * 10) if i == 4 else (i * 10, 0, 0))
+        img.save(where / f"img{i:02d}.{ext}", format=fmt)
+        (where / f"img{i:02d}.txt").write_text(f"caption {i}\n")
+    (root / "broken.png").write_bytes(_png_bytes((0, 255, 0))[:40])   # truncated file
+    (root / "broken.txt").write_text("never used")
+    (root / "sub" / "nocap.png").write_bytes(_png_bytes((0, 0, 255)))
+    (root / "notes.md").write_text("not an image")
+    return root
+
+
+def _captions(batches):
+    return [c for b in batches for c in b["captions"]]
+
+
+def test_resize_and_crop_keeps_the_centre():
+    img = Image.new("RGB", (60, 30), (255, 0, 0))
+    img.paste((0, 255, 0), (20, 0, 40, 30))
+    out = D.resize_and_crop(img, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert tuple(out[8, 8]) == (0, 255, 0)
+    # The crop spans original columns 15..45: red only in the outer ~2.7 output columns.
+    assert out[8, 0, 0] > 200 and out[8, 15, 0] > 200
+    rgba = Image.new("RGBA", (10, 20), (0, 0, 255, 128))
+    assert D.resize_and_crop(rgba, 8).shape == (8, 8, 3)
+    floats = D.to_float(out)
+    assert floats.dtype == np.float32 and floats.min() == -1.0 and floats.max() == 1.0
+    assert np.array_equal(D.to_uint8(floats), out)
+
+
+def test_folder_source_skips_and_counts_bad_records(folder, caplog):
+    source = D.make_source({"kind": "folder", "path": str(folder)})
+    assert len(source) == 15
+    with caplog.at_level(logging.WARNING, logger="glide_jax.data"):
+        loader = D.DataLoader(source, batch_size=13, image_size=8, seed=0, prefetch=0)
+        batch = next(loader)
+    assert batch["images"].shape == (13, 8, 8, 3) and batch["images"].dtype == np.float32
+    assert -1.0 <= batch["images"].min() and batch["images"].max() <= 1.0
+    assert sorted(batch["captions"]) == sorted(f"caption {i}" for i in range(13))
+    assert loader.stats == {"examples": 13, "skipped": {"corrupt_image": 1, "missing_caption": 1}}
+    assert loader.state()["stats"]["skipped"] == {"corrupt_image": 1, "missing_caption": 1}
+    assert "broken.png" in caplog.text and "nocap.png" in caplog.text
+    # Skips are counted per encounter: a second epoch counts them again.
+    next(loader)
+    assert loader.stats["skipped"] == {"corrupt_image": 2, "missing_caption": 2}
+
+
+def test_multi_line_captions_choose_one_deterministically(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("first\n\nsecond\nthird\n")
+    source = D.FolderSource(tmp_path)
+    loader = D.DataLoader(source, batch_size=40, image_size=8, seed=3, prefetch=0)
+    captions = next(loader)["captions"]
+    assert set(captions) == {"first", "second", "third"}
+    assert captions == next(D.DataLoader(source, batch_size=40, image_size=8, seed=3))["captions"]
+
+
+def _make_shard(path, items):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_tar_shards_group_members_by_key(tmp_path):
+    _make_shard(tmp_path / "s0.tar", [
+        ("000.jpg", _png_bytes((255, 0, 0), fmt="JPEG")), ("000.txt", b"red"),
+        ("001.png", _png_bytes((0, 255, 0))), ("001.txt", b"green"),
+        ("002.png", _png_bytes((0, 0, 255))),                     # caption missing
+    ])
+    _make_shard(tmp_path / "s1.tar", [
+        ("dir/003.txt", b"white"), ("dir/003.webp", _png_bytes((255, 255, 255), fmt="WEBP")),
+        ("004.txt", b"orphan caption"),                           # image missing
+        ("005.png", b"\x89PNG garbage"), ("005.txt", b"corrupt"),
+        ("006.seg.png", _png_bytes((1, 2, 3))), ("006.TXT", b"yellow"), ("006.JPEG", _png_bytes((255, 255, 0), fmt="JPEG")),
+    ])
+    source = D.make_source({"kind": "tar", "shards": str(tmp_path / "s*.tar")})
+    assert len(source) == 7 and source.groups() == [(0, 3), (3, 7)]
+    loader = D.DataLoader(source, batch_size=4, image_size=8, seed=1, prefetch=2)
+    batch = next(loader)
+    by_caption = dict(zip(batch["captions"], D.to_uint8(batch["images"])[:, 4, 4]))
+    assert set(by_caption) == {"red", "green", "white", "yellow"}
+    assert by_caption["green"].tolist() == [0, 255, 0]
+    assert by_caption["red"][0] > 230 and by_caption["white"].min() > 240
+    assert by_caption["yellow"][0] > 230 and by_caption["yellow"][2] < 30
+    # Stats cover exactly the records consumed up to the last batch returned.
+    reasons = {2: "missing_caption", 3: "missing_image", 4: "corrupt_image"}
+    for _ in range(3):
+        state = loader.state()
+        consumed = np.concatenate([loader.epoch_order(e) for e in range(state["epoch"])]
+                                  + [loader.epoch_order(state["epoch"])[:state["offset"]]])
+        expected = {}
+        for i in consumed.tolist():
+            if i in reasons:
+                expected[reasons[i]] = expected.get(reasons[i], 0) + 1
+        assert loader.stats["skipped"] == expected
+        next(loader)
+    assert set(expected) == set(reasons.values())
+    loader.close()
+
+    with tarfile.open(tmp_path / "z.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "s0.tar", arcname="x.tar")
+    with pytest.raises(D.DataError, match="uncompressed"):
+        D.TarSource([tmp_path / "z.tar.gz"])
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.TarSource([tmp_path / "missing.tar"])
+
+
+def test_make_source_errors_name_the_bad_key(tmp_path):
+    with pytest.raises(D.DataError, match="'kind'"):
+        D.make_source({"kind": "lmdb"})
+    with pytest.raises(D.DataError, match="pth"):
+        D.make_source({"kind": "folder", "pth": "x"})
+    with pytest.raises(D.DataError, match="needs 'path'"):
+        D.make_source({"kind": "folder"})
+    with pytest.raises(D.DataError, match="not a directory"):
+        D.make_source({"kind": "folder", "path": str(tmp_path / "nope")})
+    with pytest.raises(D.DataError, match="matches no file"):
+        D.make_source({"kind": "tar", "shards": str(tmp_path / "*.tar")})
+    with pytest.raises(D.DataError, match="'split'"):
+        D.make_source({"kind": "shapes", "split": "validation"})
+    with pytest.raises(D.DataError, match="no images"):
+        D.make_source({"kind": "folder", "path": str(tmp_path)})
+
+
+def test_shapes_source_renders_at_the_loader_size_and_matches_the_stream():
+    source = D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 10})
+    loader = D.DataLoader(source, batch_size=12, image_size=32, seed=0, prefetch=0)
+    batch = next(loader)
+    from glide_jax import shapes as S
+    scenes = [S.scene_at(4, i) for i in range(12)]   # epoch 1 continues the stream at 10
+    for img, cap, sc in zip(batch["images"], batch["captions"], scenes):
+        assert np.array_equal(D.to_uint8(img), sc.render(32))
+        assert cap in sc.captions()
+
+
+def test_same_seed_same_batches_other_seed_other_order(folder):
+    source = D.FolderSource(folder)
+    def run(seed, prefetch):
+        loader = D.DataLoader(source, batch_size=5, image_size=8, seed=seed, prefetch=prefetch,
+                              shuffle_buffer=4)
+        return [next(loader) for _ in range(6)]
+    a, b, c = run(0, 2), run(0, 0), run(1, 2)
+    assert _captions(a) == _captions(b)
+    assert all(np.array_equal(x["images"], y["images"]) for x, y in zip(a, b))
+    assert _captions(a) != _captions(c)
+    # Each epoch is a permutation of the 13 usable records, in a different order per epoch.
+    caps = _captions(a)
+    assert sorted(caps[:13]) == sorted(caps[13:26]) and caps[:13] != caps[13:26]
+
+
+def test_hosts_see_disjoint_records_covering_the_epoch(folder):
+    source = D.FolderSource(folder)
+    orders = [D.DataLoader(source, batch_size=2, image_size=8, seed=5, host_index=h,
+                           host_count=3).epoch_order(2) for h in range(3)]
+    merged = np.concatenate(orders)
+    assert sorted(merged.tolist()) == list(range(len(source)))
+    captions = []
+    for h in range(3):
+        loader = D.DataLoader(source, batch_size=1, image_size=8, seed=5, host_index=h,
+                              host_count=3, prefetch=0)
+        n_good = sum(1 for i in orders[h] if source.images[i].with_suffix(".txt").exists()
+                     and source.images[i].name != "broken.png")
+        captions.append(set(_captions(next(loader) for _ in range(n_good))))
+    assert all(not (captions[i] & captions[j]) for i in range(3) for j in range(i + 1, 3))
+    assert set.union(*captions) == {f"caption {i}" for i in range(13)}
+    with pytest.raises(D.DataError, match="host_index"):
+        D.DataLoader(source, batch_size=1, image_size=8, host_index=3, host_count=3)
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 7])
+def test_resume_yields_exactly_the_uninterrupted_batches(folder, stop_at):
+    source = D.FolderSource(folder)
+    kwargs = dict(batch_size=3, image_size=8, seed=9, shuffle_buffer=5, prefetch=3,
+                  low_res_size=4, masks=M.MaskConfig(),
+                  degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
+    reference = D.DataLoader(source, **kwargs)
+    expected = [next(reference) for _ in range(12)]   # spans several epochs of 13 records
+    reference.close()
+
+    first = D.DataLoader(source, **kwargs)
+    for _ in range(stop_at):
+        next(first)
+    saved = json.loads(json.dumps(first.state()))
+    stats = first.stats
+    next(first)   # the interrupted run went on a little before dying
+    first.close()
+
+    resumed = D.DataLoader(source, state=saved, **kwargs)
+    assert resumed.stats == stats
+    for want in expected[stop_at:]:
+        got = next(resumed)
+        assert got["captions"] == want["captions"]
+        for key in ("images", "low_res", "masks"):
+            assert np.array_equal(got[key], want[key]), key
+    assert resumed.stats == reference.stats
+    # restore() on a running loader rewinds it too.
+    resumed.restore(saved)
+    assert next(resumed)["captions"] == expected[stop_at]["captions"]
+    resumed.close()
+
+
+def test_restore_rejects_a_state_from_another_stream(folder):
+    source = D.FolderSource(folder)
+    state = D.DataLoader(source, batch_size=2, image_size=8, seed=1).state()
+    with pytest.raises(D.DataError, match="seed"):
+        D.DataLoader(source, batch_size=2, image_size=8, seed=2, state=state)
+    with pytest.raises(D.DataError, match="host_count"):
+        D.DataLoader(source, batch_size=2, image_size=8, seed=1, host_count=2, state=state)
+    other = D.make_source({"kind": "shapes"})
+    with pytest.raises(D.DataError, match="source"):
+        D.DataLoader(other, batch_size=2, image_size=8, seed=1, state=state)
+    with pytest.raises(D.DataError, match="'offset'"):
+        D.DataLoader(source, batch_size=2, image_size=8, seed=1,
+                     state={k: v for k, v in state.items() if k != "offset"})
+
+
+def test_a_source_with_no_usable_record_fails_clearly(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "a.txt").write_text("x")
+    loader = D.DataLoader(D.FolderSource(tmp_path), batch_size=1, image_size=8, prefetch=2)
+    with pytest.raises(D.DataError, match="no usable record"):
+        next(loader)
+
+
+def test_degrade_low_res():
+    rng = np.random.default_rng(0)
+    hr = rng.uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
+    clean = D.degrade_low_res(hr, 4, np.random.default_rng(1))
+    assert clean.shape == (3, 4, 4, 3) and clean.dtype == np.float32
+    np.testing.assert_allclose(clean, hr.reshape(3, 4, 4, 4, 4, 3).mean(axis=(2, 4)), atol=1e-6)
+    assert D.degrade_low_res(hr[0], 4, np.random.default_rng(1)).shape == (4, 4, 3)
+
+    smooth = np.tile(np.linspace(-0.8, 0.8, 32, dtype=np.float32)[None, :, None], (32, 1, 3))[None]
+    cfg = D.Degradation(blur_prob=1, jpeg_prob=1, noise_prob=1, noise_std=(0.02, 0.02))
+    a = D.degrade_low_res(smooth, 2, np.random.default_rng(7), cfg)
+    b = D.degrade_low_res(smooth, 2, np.random.default_rng(7), cfg)
+    c = D.degrade_low_res(smooth, 2, np.random.default_rng(8), cfg)
+    base = D.degrade_low_res(smooth, 2, np.random.default_rng(7))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    diff = np.abs(a - base)
+    assert 0.005 < diff.mean() < 0.1     # degraded, but still the same picture
+    assert a.min() >= -1 and a.max() <= 1
+    # Blur alone keeps a constant image constant and softens a step edge.
+    step = np.where(np.arange(16) < 8, -1.0, 1.0).astype(np.float32)[None, :, None]
+    step = np.tile(step, (16, 1, 3))
+    blurred = D.degrade_low_res(step, 2, np.random.default_rng(0), D.Degradation(blur_prob=1))
+    assert -1 < blurred[4, 3, 0] < 0 < blurred[4, 4, 0] < 1
+    with pytest.raises(D.DataError, match="divisible"):
+        D.degrade_low_res(hr, 5, rng)
+    with pytest.raises(D.DataError, match="jpeg_prob"):
+        D.Degradation(jpeg_prob=2)
+
+
+def test_mask_statistics_and_determinism():
+    cfg = M.MaskConfig(rect_weight=0.5, brush_weight=0.3, outpaint_weight=0.2)
+    rng = np.random.default_rng(0)
+    kinds, keep = [], {k: [] for k in M.MASK_KINDS}
+    for _ in range(1500):
+        mask, kind = M.sample_mask_and_kind(32, 48, rng, cfg)
+        assert mask.shape == (32, 48, 1) and mask.dtype == np.float32
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        kinds.append(kind)
+        keep[kind].append(mask.mean())
+    for kind, weight in zip(M.MASK_KINDS, cfg.weights):
+        assert abs(kinds.count(kind) / len(kinds) - weight) < 0.04, kind
+    for kind, values in keep.items():   # every mask has something to keep and something to fill
+        assert 0 < min(values) and max(values) < 1, kind
+    lo, hi = cfg.keep_size
+    assert lo**2 * 0.8 < min(keep["outpaint"]) and max(keep["outpaint"]) < hi**2 * 1.2
+    assert 0.3 < np.mean(keep["rect"]) < 0.95 and 0.3 < np.mean(keep["brush"]) < 0.95
+
+    a = M.sample_masks(6, 16, 16, np.random.default_rng(3))
+    assert np.array_equal(a, M.sample_masks(6, 16, 16, np.random.default_rng(3)))
+    assert not np.array_equal(a, M.sample_masks(6, 16, 16, np.random.default_rng(4)))
+    only_brush = M.MaskConfig(rect_weight=0, brush_weight=1, outpaint_weight=0)
+    assert {M.sample_mask_and_kind(8, 8, rng, only_brush)[1] for _ in range(20)} == {"brush"}
+    images = np.ones((6, 16, 16, 3), np.float32)
+    assert np.array_equal(M.apply_mask(images, a, fill=-1.0)[..., :1], 2 * a - 1)
+    with pytest.raises(ValueError, match="weights"):
+        M.MaskConfig(rect_weight=0, brush_weight=0, outpaint_weight=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        M.apply_mask(images, a[:, :8])
