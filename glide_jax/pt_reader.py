@@ -82,11 +82,13 @@ class _StorageRef:
 class _TensorRef:
     """A tensor as the pickle describes it; materialised once all storages are known."""
 
-    def __init__(self, storage: _StorageRef, offset: int, shape: tuple, stride: tuple):
+    def __init__(self, storage: _StorageRef, offset: int, shape: tuple, stride: tuple,
+                 stands_for: _StorageRef | None = None):
         self.storage = storage
         self.offset = offset
         self.shape = shape
         self.stride = stride
+        self.stands_for = stands_for  # set when this view represents a bare storage
 
 
 def _as_int_tuple(value, what: str, path: str) -> tuple[int, ...]:
@@ -266,14 +268,14 @@ def _materialize(ref: _TensorRef, storage: np.ndarray, sole_user: bool, path: st
 
 
 def _replace_refs(obj, arrays: dict[int, np.ndarray], seen: dict[int, Any]):
-    if isinstance(obj, _TensorRef):
+    if isinstance(obj, (_TensorRef, _StorageRef)):
         return arrays[id(obj)]
     if id(obj) in seen:  # keep shared containers shared, and stop on cycles
         return seen[id(obj)]
     if isinstance(obj, dict):
+        seen[id(obj)] = obj
         for key in list(obj):
             obj[key] = _replace_refs(obj[key], arrays, seen)
-        seen[id(obj)] = obj
         if getattr(obj, "__dict__", None):  # e.g. a state dict's `_metadata`
             for key, value in obj.__dict__.items():
                 obj.__dict__[key] = _replace_refs(value, arrays, seen)
@@ -297,6 +299,9 @@ def _collect_refs(obj, out: list, seen: set):
     seen.add(id(obj))
     if isinstance(obj, _TensorRef):
         out.append(obj)
+    elif isinstance(obj, _StorageRef):
+        # A bare storage in the pickle (not behind a tensor) comes back as a flat array.
+        out.append(_TensorRef(obj, 0, (obj.numel,), (1,), stands_for=obj))
     elif isinstance(obj, dict):
         for value in obj.values():
             _collect_refs(value, out, seen)
@@ -361,7 +366,7 @@ def load_pickle_tree(path: str | os.PathLike) -> Any:
             if not dtype.isnative:
                 storage = storage.astype(dtype.newbyteorder("="))
             for ref in users:
-                arrays[id(ref)] = _materialize(ref, storage, len(users) == 1, path)
+                arrays[id(ref.stands_for or ref)] = _materialize(ref, storage, len(users) == 1, path)
             del buffer, storage
 
     return _replace_refs(tree, arrays, {})

@@ -222,6 +222,17 @@ def test_nested_tree(tmp_path):
         load_state_dict(path)
 
 
+def test_bare_storage_and_self_referencing_dict(tmp_path):
+    s = _Storage("0", "IntStorage", np.array([5, 6, 7], dtype=np.int32))
+    tree = {"weight": contiguous(s, (3,)), "raw": s}
+    tree["me"] = tree
+    loaded = load_pickle_tree(write_pt(tmp_path / "c.pt", tree, [s]))
+    assert loaded["me"] is loaded
+    np.testing.assert_array_equal(loaded["raw"], [5, 6, 7])
+    np.testing.assert_array_equal(loaded["weight"], [5, 6, 7])
+    assert loaded["raw"].dtype == np.int32
+
+
 def test_non_mapping_state_dict_is_refused(tmp_path):
     s = _Storage("0", "FloatStorage", np.zeros(2, np.float32))
     path = write_pt(tmp_path / "l.pt", [contiguous(s, (2,))], [s])
