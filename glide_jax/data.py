@@ -22,7 +22,8 @@ Optional per-example extras, deterministic from `(seed, epoch, position)` so tha
 identical after a resume:
   * `low_res_size` + `degradation`: batch["low_res"], the upsampler's conditioning image made by
     `degrade_low_res` (area downsampling plus optional blur / JPEG / noise);
-  * `masks`: batch["masks"], inpainting masks (B, H, W, 1), 1 = keep (see `glide_jax.masks`).
+  * `masks`: batch["inpaint_mask"], inpainting masks (B, H, W, 1), 1 = keep (see
+    `glide_jax.masks`); the key and convention are those `glide_jax.training` expects.
 
 Typical use::
 
@@ -504,7 +505,8 @@ class DataLoader:
       state: a `state()` dict to resume from.
       low_res_size, degradation: add batch["low_res"] (float32 [-1, 1], side `low_res_size`,
         which must divide `image_size`) made by `degrade_low_res`.
-      masks: add batch["masks"] (B, H, W, 1) float32 from `glide_jax.masks.sample_mask`.
+      masks: add batch["inpaint_mask"] (B, H, W, 1) float32, 1 = keep, from
+        `glide_jax.masks.sample_mask`.
 
     Batches: {"images": (B, S, S, 3) float32 in [-1, 1], "captions": list[str] of length B,
     plus the optional extras}. `state()` is the position after the last batch returned.
@@ -645,7 +647,7 @@ class DataLoader:
             example["low_res"] = degrade_low_res(example["images"], factor, extra_rng,
                                                  self.degradation)
         if self.mask_config is not None:
-            example["masks"] = sample_mask(self.image_size, self.image_size, extra_rng,
+            example["inpaint_mask"] = sample_mask(self.image_size, self.image_size, extra_rng,
                                            self.mask_config)
         return example
 
@@ -660,7 +662,7 @@ class DataLoader:
                     break
             batch = {"images": np.stack([e["images"] for e in items]),
                      "captions": [e["captions"] for e in items]}
-            for key in ("low_res", "masks"):
+            for key in ("low_res", "inpaint_mask"):
                 if key in items[0]:
                     batch[key] = np.stack([e[key] for e in items])
             yield batch, pos, {"examples": stats["examples"], "skipped": dict(stats["skipped"])}

@@ -218,6 +218,11 @@ def parse_caption(text: str) -> SceneSpec:
     return SceneSpec(background, tuple((c, k) for c, k, _ in objects), relation)
 
 
+def scene_from_caption(text: str, rng: np.random.Generator) -> Scene:
+    """A renderable scene matching a caption (`parse_caption`), laid out with `rng`."""
+    return layout_scene(parse_caption(text), rng)
+
+
 # -- generation --------------------------------------------------------------------------------
 
 _SPLIT_IDS = {"train": 0, "heldout": 1}

@@ -223,7 +223,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(folder, stop_at):
     for want in expected[stop_at:]:
         got = next(resumed)
         assert got["captions"] == want["captions"]
-        for key in ("images", "low_res", "masks"):
+        for key in ("images", "low_res", "inpaint_mask"):
             assert np.array_equal(got[key], want[key]), key
     assert resumed.stats == reference.stats
     # restore() on a running loader rewinds it too.

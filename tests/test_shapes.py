@@ -91,6 +91,16 @@ def test_every_caption_parses_back_to_its_scene():
         S.SceneSpec("black", (("blue", "circle"), ("gray", "square")), "left of")
 
 
+def test_scene_from_caption_renders_what_the_caption_says():
+    rng = np.random.default_rng(2)
+    for text in ("a yellow triangle below a purple circle on a black background",
+                 "a gray background with a white square to the right of a green triangle",
+                 "a blue circle, white background"):
+        scene = S.scene_from_caption(text, rng)
+        assert _equivalent(S.parse_caption(text), scene.spec)
+        assert S.score(S.parse_caption(text), S.analyse(scene.render(32)))["all"], text
+
+
 @pytest.mark.parametrize("text, match", [
     ("a red circle", "background"),
     ("a circle on a white background", "one or two"),
