@@ -166,6 +166,8 @@ def _open_archive(path: str) -> zipfile.ZipFile:
             head = f.read(4)
     except FileNotFoundError:
         raise PtFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise PtFormatError(f"{path}: is a directory, expected a .pt file") from None
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:

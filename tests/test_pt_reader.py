@@ -293,6 +293,8 @@ def test_random_non_zip_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(PtFormatError, match=r"absent\.pt.*no such file"):
         load_state_dict(tmp_path / "absent.pt")
+    with pytest.raises(PtFormatError, match=r"is a directory"):
+        load_state_dict(tmp_path)
 
 
 def test_zip_without_data_pkl(tmp_path):
