@@ -136,10 +136,10 @@ class Source:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def groups(self) -> list[tuple[int, int]]:
-        """Contiguous [start, stop) ranges whose order is shuffled per epoch; by default each
-        record is its own group, which makes the per-epoch order a full permutation."""
-        return [(i, i + 1) for i in range(len(self))]
+    def groups(self) -> list[tuple[int, int]] | None:
+        """Contiguous [start, stop) ranges whose order is shuffled per epoch, or None (the
+        default) for "each record is its own group": a full permutation per epoch."""
+        return None
 
     def load(self, index: int, epoch: int, image_size: int, rng: np.random.Generator
              ) -> tuple[Image.Image | np.ndarray, str]:
@@ -549,10 +549,15 @@ class DataLoader:
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         groups = self.source.groups()
-        if self.source.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(groups))
-            groups = [groups[i] for i in perm]
-        order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in groups])
+        group_rng = np.random.default_rng([self.seed, epoch, 0])
+        if groups is None:
+            order = np.arange(len(self.source), dtype=np.int64)
+            if self.source.shuffle:
+                order = group_rng.permutation(order)
+        else:
+            if self.source.shuffle:
+                groups = [groups[i] for i in group_rng.permutation(len(groups))]
+            order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in groups])
         order = order[self.host_index::self.host_count]
         if self.source.shuffle:
             rng = np.random.default_rng([self.seed, epoch, 1, self.host_index])

@@ -12,6 +12,7 @@ from PIL import Image
 
 from glide_jax import data as D
 from glide_jax import masks as M
+from glide_jax import shapes as S
 
 
 def _png_bytes(colour, size=(24, 16), fmt="PNG"):
@@ -159,7 +160,6 @@ def test_shapes_source_renders_at_the_loader_size_and_matches_the_stream():
     source = D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 10})
     loader = D.DataLoader(source, batch_size=12, image_size=32, seed=0, prefetch=0)
     batch = next(loader)
-    from glide_jax import shapes as S
     scenes = [S.scene_at(4, i) for i in range(12)]   # epoch 1 continues the stream at 10
     for img, cap, sc in zip(batch["images"], batch["captions"], scenes):
         assert np.array_equal(D.to_uint8(img), sc.render(32))
