@@ -1,0 +1,179 @@
+"""Noised CLIP: parity with the reference's golden outputs, full-size manifests, conversion errors,
+attention structure, bfloat16 compute, guidance under jit, and contrastive training."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from glide_jax import clip
+from glide_jax.config import ConfigError
+from glide_jax.pt_reader import load_state_dict
+
+ATOL = 1e-4  # golden README: float32 model outputs
+
+
+@pytest.fixture(scope="module")
+def tiny(golden):
+    config = clip.ClipConfig.from_json(golden / "clip.config.json")
+    image_sd = load_state_dict(golden / "clip_image_enc.pt")
+    text_sd = load_state_dict(golden / "clip_text_enc.pt")
+    params = clip.convert_clip_state_dicts(image_sd, text_sd, config)
+    inputs = dict(np.load(golden / "clip.inputs.npz"))
+    inputs["images"] = inputs["images"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    outputs = dict(np.load(golden / "clip.outputs.npz"))
+    return config, params, inputs, outputs, (image_sd, text_sd)
+
+
+def test_golden_features_and_embeddings(tiny):
+    config, params, inp, out, _ = tiny
+    images, t, tokens, text_len = inp["images"], inp["timesteps"], inp["tokens"], inp["text_len"]
+    np.testing.assert_allclose(clip.image_features(params, config, images, t), out["image_features_raw"], atol=ATOL)
+    np.testing.assert_allclose(clip.text_features(params, config, tokens, text_len), out["text_features_raw"],
+                               atol=ATOL)
+    np.testing.assert_allclose(clip.encode_image(params, config, images, t), out["image_embeddings"], atol=ATOL)
+    np.testing.assert_allclose(clip.encode_text(params, config, tokens, text_len), out["text_embeddings"],
+                               atol=ATOL)
+
+
+def test_golden_guidance_gradient_under_jit(tiny):
+    config, params, inp, out, _ = tiny
+    z_text = clip.encode_text(params, config, inp["tokens"], inp["text_len"])
+    cond_fn = clip.clip_cond_fn(params, config, z_text, 3.0)
+    # Passed as an argument, the guidance's weights are traced leaves, not baked-in constants.
+    assert any(leaf is params["image_encoder"]["input"]["w_t"] for leaf in jax.tree.leaves(cond_fn))
+
+    @jax.jit
+    def two_steps(cond_fn, x, t):
+        def body(x, _):
+            return x, cond_fn(x, t)
+        return jax.lax.scan(body, x, None, length=2)[1]
+
+    grads = two_steps(cond_fn, jnp.asarray(inp["images"]), jnp.asarray(inp["timesteps"], jnp.int32))
+    expected = out["cond_fn_grad_scale3"].transpose(0, 2, 3, 1)
+    assert grads.shape == (2,) + expected.shape
+    np.testing.assert_allclose(grads[0], expected, atol=ATOL)
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("tower, manifest_name", [("image_encoder", "clip/image-enc"),
+                                                  ("text_encoder", "clip/text-enc")])
+def test_full_size_manifest(golden, tower, manifest_name):
+    manifest = json.loads((golden / "manifests_full_size.json").read_text())[manifest_name]
+    config = clip.ClipConfig.from_dict(manifest["config"])
+    assert config == clip.ClipConfig()  # the defaults are the released model's
+    expected = {key: tuple(shape) for key, (shape, _dtype) in manifest["keys"].items()}
+    assert clip.reference_state_dict_shapes(config, tower) == expected
+    shapes = clip.clip_params_shapes(config)[tower]
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) == manifest["n_params"]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+
+
+def test_conversion_names_every_bad_key_before_converting(tiny):
+    config, _, _, _, (image_sd, text_sd) = tiny
+    broken = dict(image_sd)
+    del broken["blocks.block_1.f_mlp.f_2.b"]
+    broken["blocks.block_0.f_attn.f_k.b"] = np.zeros(48, np.float32)
+    broken["blocks.input.w_pos"] = np.zeros((64, 48), np.float32)
+    with pytest.raises(clip.ClipConversionError) as err:
+        clip.convert_clip_state_dicts(broken, text_sd, config)
+    message = str(err.value)
+    assert "missing key 'blocks.block_1.f_mlp.f_2.b' (expected shape (48,))" in message
+    assert "unexpected key 'blocks.block_0.f_attn.f_k.b' (found shape (48,))" in message
+    assert "key 'blocks.input.w_pos': expected shape (65, 48), found (64, 48)" in message
+    with pytest.raises(clip.ClipConversionError, match="text_encoder"):
+        clip.convert_clip_state_dicts(image_sd, image_sd, config)
+
+
+def test_text_attention_is_causal_and_image_attention_is_full(tiny):
+    config, params, inp, _, _ = tiny
+    tokens, text_len = np.array(inp["tokens"]), inp["text_len"]
+    base = clip.text_features(params, config, tokens, text_len)
+    after_end = tokens.copy()
+    after_end[0, text_len[0]:] = 123  # positions after the end token cannot reach it
+    np.testing.assert_array_equal(clip.text_features(params, config, after_end, text_len)[0], base[0])
+    before_end = tokens.copy()
+    before_end[0, 1] = 123
+    assert np.abs(clip.text_features(params, config, before_end, text_len)[0] - base[0]).max() > 1e-3
+
+    images, t = np.array(inp["images"]), inp["timesteps"]
+    base = clip.image_features(params, config, images, t)
+    images[:, -config.patch_size:, -config.patch_size:] = 0.0  # last patch only
+    assert np.abs(clip.image_features(params, config, images, t) - base).max(axis=-1).min() > 1e-4
+    # The timestep token carries w_t[t] into the pooled feature.
+    assert np.abs(clip.image_features(params, config, inp["images"], t + 1) - base).max(axis=-1).min() > 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
+    config, params, inp, out, _ = tiny
+    z_image = clip.encode_image(params, config, inp["images"], inp["timesteps"], dtype="bfloat16")
+    z_text = clip.encode_text(params, config, inp["tokens"], inp["text_len"], dtype="bfloat16")
+    assert z_image.dtype == z_text.dtype == jnp.float32
+    assert np.sum(z_image * out["image_embeddings"], axis=-1).min() > 0.999
+    assert np.sum(z_text * out["text_embeddings"], axis=-1).min() > 0.999
+    for module, args in [(clip.ClipImageEncoder, (jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,), jnp.int32))),
+                         (clip.ClipTextEncoder, (jnp.zeros((1, 77), jnp.int32), jnp.ones((1,), jnp.int32)))]:
+        shapes = jax.eval_shape(module(config, dtype=jnp.bfloat16).init, jax.random.key(0), *args)
+        assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}, module
+
+
+def test_bad_inputs_and_configs_are_named(tiny):
+    config, params, inp, _, _ = tiny
+    nchw = inp["images"].transpose(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\).*NCHW"):
+        clip.encode_image(params, config, nchw, inp["timesteps"])
+    with pytest.raises(TypeError, match="integers"):
+        clip.encode_image(params, config, inp["images"], inp["timesteps"].astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        clip.encode_image(params, config, inp["images"], np.array([0, 1000]))
+    with pytest.raises(ValueError, match=r"text_len must lie in \[1, 77\]"):
+        clip.encode_text(params, config, inp["tokens"], np.array([0, 5]))
+    with pytest.raises(ValueError, match=r"\(B, 77\)"):
+        clip.encode_text(params, config, inp["tokens"][:, :76], inp["text_len"])
+    with pytest.raises(ValueError, match="image_encoder"):
+        clip.encode_image(params["text_encoder"], config, inp["images"], inp["timesteps"])
+    with pytest.raises(ConfigError, match=r"unknown CLIP config key\(s\) \['n_layers'\]"):
+        clip.ClipConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ConfigError, match="not divisible by patch_size 5"):
+        clip.ClipConfig(patch_size=5)
+
+
+def test_noised_clip_trains():
+    config = clip.ClipConfig(image_size=16, patch_size=4, n_vocab=64, max_text_len=8, n_embd=16,
+                             n_head_state_text=8, n_head_text=2, n_xf_blocks_text=1,
+                             n_head_state_image=8, n_head_image=2, n_xf_blocks_image=1)
+    data_key, init_key, loss_key = jax.random.split(jax.random.key(0), 3)
+    batch = 4
+    # Four distinct images (a bright square in a different quadrant each) paired with four captions.
+    images = -np.ones((batch, 16, 16, 3), np.float32)
+    for i in range(batch):
+        r, c = divmod(i, 2)
+        images[i, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 1.0
+    tokens = np.asarray(jax.random.randint(data_key, (batch, 8), 1, 64), np.int32)
+    text_len = np.array([3, 4, 5, 8], np.int32)
+
+    params = clip.init_clip_params(config, init_key)
+    optimizer = optax.adam(1e-3)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        # The same key every step: the noising is fixed, so the loss values are comparable.
+        loss, grads = jax.value_and_grad(clip.clip_contrastive_loss)(
+            params, config, loss_key, images, tokens, text_len)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    params, opt_state, loss0, grads = train_step(params, optimizer.init(params))
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name = jax.tree_util.keystr(path)
+        assert np.isfinite(g).all(), name
+        assert np.abs(g).max() > 0, f"zero gradient for {name}"
+    losses = [float(loss0)]
+    for _ in range(8):
+        params, opt_state, loss, _ = train_step(params, opt_state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < 0.7 * losses[0], losses
