@@ -1,0 +1,287 @@
+"""Downloading files into the local cache: vocab files now, released model weights later.
+
+`fetch` writes to `<dest>.partial` and renames into place only once the file is complete and
+verified, so a file under its final name is always whole. An interrupted download is resumed with
+an HTTP Range request on the next attempt (or restarted if the server ignores Range). Offline mode
+(`GLIDE_JAX_OFFLINE=1` or `offline=True`) never touches the network and says exactly which file is
+missing and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["DownloadError", "cache_dir", "fetch", "is_offline", "sha256_file"]
+
+_CHUNK = 1 << 16
+# Status codes worth another try: the server may recover; any other 4xx will not.
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded or verified (the message says how to provide it by hand)."""
+
+
+def cache_dir() -> Path:
+    """Directory for downloaded files: `$GLIDE_JAX_CACHE`, else the platform's user cache dir.
+
+    Linux: `$XDG_CACHE_HOME/glide_jax` (default `~/.cache/glide_jax`); macOS:
+    `~/Library/Caches/glide_jax`; Windows: `%LOCALAPPDATA%\\glide_jax\\Cache`. Not created here.
+    """
+    override = os.environ.get("GLIDE_JAX_CACHE")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "glide_jax"
+    if sys.platform.startswith("win"):
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "glide_jax" / "Cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "glide_jax"
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """The explicit argument wins; otherwise `GLIDE_JAX_OFFLINE` set to 1/true/yes/on."""
+    if offline is not None:
+        return offline
+    return os.environ.get("GLIDE_JAX_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manual_hint(url: str, dest: Path, sha256: str | None) -> str:
+    hint = f"To provide the file by hand, download {url} and save it as {dest}"
+    if sha256:
+        hint += f" (sha256 {sha256})"
+    return hint + "."
+
+
+def _verify(path: Path, expected_size: int | None, sha256: str | None) -> str | None:
+    """None when `path` matches the expected size/hash, else what is wrong."""
+    size = path.stat().st_size
+    if expected_size is not None and size != expected_size:
+        return f"size is {size} bytes, expected {expected_size}"
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            return f"sha256 is {actual}, expected {sha256.lower()}"
+    return None
+
+
+class _Progress:
+    """Plain-text progress on stderr, redrawn at most every `interval` seconds."""
+
+    def __init__(self, name: str, total: int | None, start: int, enabled: bool):
+        self.name, self.total, self.start = name, total, start
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        # Without a terminal each update is a new line, so update rarely.
+        self.interval = 0.25 if self.tty else 10.0
+        self.t0 = self.last = time.monotonic()
+
+    @staticmethod
+    def _size(n: float) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            n /= 1024
+        raise AssertionError("unreachable")
+
+    def update(self, done: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        speed = (done - self.start) / max(now - self.t0, 1e-6)
+        text = f"{self.name}: {self._size(done)}"
+        if self.total:
+            text += f" / {self._size(self.total)} ({100.0 * done / self.total:5.1f}%)"
+        text += f" {self._size(speed)}/s"
+        if self.tty:
+            sys.stderr.write("\r" + text + ("\n" if final else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+class _Transient(Exception):
+    """An attempt failed in a way that another attempt (resuming the partial file) may fix."""
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes 100-999/1000" -> 100
+    if not value or not value.startswith("bytes "):
+        return None
+    try:
+        return int(value[6:].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _attempt(
+    url: str,
+    partial: Path,
+    expected_size: int | None,
+    progress: bool,
+    timeout: float,
+    name: str,
+) -> None:
+    """One HTTP request that appends to `partial` until the server's body is complete."""
+    have = partial.stat().st_size if partial.exists() else 0
+    if expected_size is not None and have > expected_size:
+        partial.unlink()  # longer than the real file: garbage, start over
+        have = 0
+    if expected_size is not None and have == expected_size:
+        return
+    request = urllib.request.Request(url, headers={"User-Agent": "glide-jax"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:
+            # Range not satisfiable: our partial is at least as long as the file. It is either
+            # complete or wrong; the final verification decides, and a bad one is discarded.
+            return
+        if e.code in _TRANSIENT_HTTP:
+            raise _Transient(f"HTTP {e.code} {e.reason}") from e
+        raise DownloadError(f"HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise _Transient(f"cannot connect: {getattr(e, 'reason', e)}") from e
+
+    with response:
+        status = response.status
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if have and status == 206:
+            start = _content_range_start(response.headers.get("Content-Range"))
+            if start != have:
+                partial.unlink()  # the next attempt starts from zero instead of guessing
+                raise _Transient(
+                    f"server answered the range request for bytes {have}- with "
+                    f"Content-Range {response.headers.get('Content-Range')!r}"
+                )
+            mode = "ab"
+        else:
+            # A 200 to a Range request means the server ignores ranges: restart from zero.
+            have, mode = 0, "wb"
+        total = have + length if length is not None else expected_size
+        if expected_size is not None and total is not None and total != expected_size:
+            raise DownloadError(f"the server's file is {total} bytes, expected {expected_size}")
+        bar = _Progress(name, total, have, progress)
+        with open(partial, mode) as out:
+            done = _copy(response, out, have, expected_size, bar)
+        bar.update(done, final=True)
+        if length is not None and done - have != length:
+            raise _Transient(f"connection closed after {done} of {total} bytes")
+
+
+def _copy(response: BinaryIO, out: BinaryIO, done: int, limit: int | None, bar: _Progress) -> int:
+    """Append the response body to `out`; network failures are transient, disk failures not."""
+    while True:
+        try:
+            block = response.read(_CHUNK)
+        except (http.client.HTTPException, OSError) as e:
+            bar.update(done, final=True)
+            raise _Transient(f"connection lost after {done} bytes: {e!r}") from e
+        if not block:
+            return done
+        out.write(block)
+        done += len(block)
+        if limit is not None and done > limit:
+            raise DownloadError(f"received more than the expected {limit} bytes")
+        bar.update(done)
+
+
+def fetch(
+    url: str,
+    dest_path: str | os.PathLike,
+    *,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+    offline: bool | None = None,
+    retries: int = 3,
+    retry_wait: float = 1.0,
+    timeout: float = 60.0,
+) -> Path:
+    """Make sure `dest_path` holds the file at `url`; download it if needed; return the path.
+
+    An existing `dest_path` that matches `expected_size`/`sha256` is used as is (one that does not
+    is downloaded again). The download goes to `<dest_path>.partial`, which a later call resumes.
+    Transient failures (connection errors, HTTP 5xx/408/429, cut transfers) are retried `retries`
+    times, waiting `retry_wait`·2^k seconds. `offline` (default: `$GLIDE_JAX_OFFLINE`) forbids any
+    network access. Raises `DownloadError` naming the URL, the destination, what went wrong and how
+    to provide the file by hand.
+    """
+    dest = Path(dest_path)
+    partial = dest.with_name(dest.name + ".partial")
+    hint = _manual_hint(url, dest, sha256)
+
+    if dest.exists():
+        problem = _verify(dest, expected_size, sha256)
+        if problem is None:
+            return dest
+        if is_offline(offline):
+            raise DownloadError(
+                f"{dest} exists but its {problem}, and offline mode is on "
+                f"(GLIDE_JAX_OFFLINE) so it cannot be downloaded again from {url}. {hint}"
+            )
+        print(f"{dest}: {problem}; downloading it again", file=sys.stderr)
+    elif is_offline(offline):
+        raise DownloadError(
+            f"{dest} is missing and offline mode is on (GLIDE_JAX_OFFLINE), so it was not "
+            f"downloaded from {url}. {hint}"
+        )
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create the directory for {dest}: {e}. {hint}") from e
+
+    failures: list[str] = []
+    for attempt in range(retries + 1):
+        try:
+            _attempt(url, partial, expected_size, progress, timeout, dest.name)
+        except _Transient as e:
+            failures.append(str(e))
+            if attempt < retries:
+                time.sleep(retry_wait * 2**attempt)
+                continue
+            tried = "; ".join(f"attempt {i + 1}: {msg}" for i, msg in enumerate(failures))
+            raise DownloadError(
+                f"downloading {url} to {dest} failed after {attempt + 1} attempts ({tried}). "
+                f"The partial file {partial} is kept and will be resumed. {hint}"
+            ) from e
+        except DownloadError as e:
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}") from e
+        except OSError as e:  # writing the partial file: disk full, permissions
+            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}") from e
+        break
+
+    if not partial.exists():
+        raise DownloadError(f"downloading {url} to {dest} produced no file. {hint}")
+    problem = _verify(partial, expected_size, sha256)
+    if problem is not None:
+        # A complete download that fails verification cannot be repaired by resuming.
+        partial.unlink()
+        raise DownloadError(f"downloaded {url} but the file's {problem}; deleted it. {hint}")
+    os.replace(partial, dest)
+    return dest

@@ -1,0 +1,227 @@
+"""`glide_jax.download.fetch` against a local HTTP server on 127.0.0.1 (never the internet)."""
+
+import hashlib
+import http.server
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from glide_jax import download
+from glide_jax.download import DownloadError, fetch
+
+DATA = np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append({"path": self.path, "range": self.headers.get("Range")})
+        if srv.statuses:
+            self.send_error(srv.statuses.pop(0))
+            return
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        range_header = self.headers.get("Range")
+        if range_header and srv.support_range:
+            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.cuts:
+            # Announce the full length but hang up early, like a dropped connection.
+            self.wfile.write(body[: srv.cuts.pop(0)])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files = {"/file.bin": DATA}
+    srv.requests, srv.statuses, srv.cuts = [], [], []
+    srv.support_range = True
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/file.bin"
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(autouse=True)
+def online(monkeypatch):
+    monkeypatch.delenv("GLIDE_JAX_OFFLINE", raising=False)
+
+
+def _fetch(server, dest, **kw):
+    kw.setdefault("retry_wait", 0.0)
+    kw.setdefault("progress", False)
+    return fetch(server.url, dest, **kw)
+
+
+def test_success_with_size_and_hash(server, tmp_path, capsys):
+    dest = tmp_path / "sub" / "file.bin"
+    out = _fetch(server, dest, expected_size=len(DATA), sha256=SHA, progress=True)
+    assert out == dest and dest.read_bytes() == DATA
+    assert not (tmp_path / "sub" / "file.bin.partial").exists()
+    err = capsys.readouterr().err
+    assert "file.bin" in err and "100.0%" in err and "/s" in err
+    assert len(server.requests) == 1 and server.requests[0]["range"] is None
+
+
+def test_existing_verified_file_is_not_downloaded(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(DATA)
+    assert _fetch(server, dest, sha256=SHA) == dest
+    assert server.requests == []
+
+
+def test_corrupt_existing_file_is_downloaded_again(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(b"stale")
+    _fetch(server, dest, sha256=SHA)
+    assert dest.read_bytes() == DATA
+
+
+def test_interrupted_download_resumes_with_range(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    server.cuts = [100_000]
+    with pytest.raises(DownloadError) as info:
+        _fetch(server, dest, sha256=SHA, retries=0)
+    partial = tmp_path / "file.bin.partial"
+    assert not dest.exists(), "a cut download must never appear under the final name"
+    assert partial.stat().st_size == 100_000
+    assert "will be resumed" in str(info.value) and server.url in str(info.value)
+
+    _fetch(server, dest, sha256=SHA, expected_size=len(DATA))
+    assert dest.read_bytes() == DATA and not partial.exists()
+    assert server.requests[-1]["range"] == "bytes=100000-"
+
+
+def test_interruption_is_retried_within_one_call(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    server.cuts = [70_000, 50_000]
+    _fetch(server, dest, sha256=SHA, retries=2)
+    assert dest.read_bytes() == DATA
+    assert [r["range"] for r in server.requests] == [None, "bytes=70000-", "bytes=120000-"]
+
+
+def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    server.support_range = False
+    server.cuts = [100_000]
+    _fetch(server, dest, sha256=SHA, expected_size=len(DATA), retries=1)
+    assert dest.read_bytes() == DATA
+    assert server.requests[1]["range"] == "bytes=100000-"  # asked to resume, got the whole file
+
+
+def test_complete_partial_is_finished_without_download(server, tmp_path):
+    (tmp_path / "file.bin.partial").write_bytes(DATA)
+    dest = _fetch(server, tmp_path / "file.bin", sha256=SHA)
+    assert dest.read_bytes() == DATA
+    # Without expected_size the server is asked for the rest and answers 416.
+    assert server.requests == [{"path": "/file.bin", "range": f"bytes={len(DATA)}-"}]
+
+
+def test_wrong_size(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DownloadError, match=f"expected {len(DATA) + 1}") as info:
+        _fetch(server, dest, expected_size=len(DATA) + 1)
+    assert server.url in str(info.value) and str(dest) in str(info.value)
+    assert not dest.exists() and not (tmp_path / "file.bin.partial").exists()
+
+
+def test_http_500_retried_then_reported(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    server.statuses = [500] * 10
+    with pytest.raises(DownloadError, match="HTTP 500") as info:
+        _fetch(server, dest, retries=2)
+    assert len(server.requests) == 3
+    message = str(info.value)
+    assert "after 3 attempts" in message and "save it as" in message and str(dest) in message
+    assert not dest.exists()
+
+
+def test_transient_500_then_success(server, tmp_path):
+    server.statuses = [503]
+    dest = _fetch(server, tmp_path / "file.bin", sha256=SHA, retries=1)
+    assert dest.read_bytes() == DATA and len(server.requests) == 2
+
+
+def test_404_is_not_retried(server, tmp_path):
+    server.files = {}
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        _fetch(server, tmp_path / "file.bin", retries=3)
+    assert len(server.requests) == 1
+
+
+def test_hash_mismatch_deletes_download(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DownloadError, match=f"sha256 is {SHA}, expected {'0' * 64}"):
+        _fetch(server, dest, sha256="0" * 64)
+    assert not dest.exists() and not (tmp_path / "file.bin.partial").exists()
+
+
+def test_unreachable_server(tmp_path):
+    # A port that was just free: connection refused, retried, then reported.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x.bin"
+    with pytest.raises(DownloadError, match="cannot connect"):
+        fetch(url, tmp_path / "x.bin", retries=1, retry_wait=0.0, progress=False)
+
+
+def test_offline_mode_env(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
+    dest = tmp_path / "weights" / "file.bin"
+    with pytest.raises(DownloadError) as info:
+        _fetch(server, dest, sha256=SHA)
+    message = str(info.value)
+    assert "offline" in message and str(dest) in message and server.url in message and SHA in message
+    assert server.requests == []
+    # A verified file already in place is fine offline.
+    dest.parent.mkdir()
+    dest.write_bytes(DATA)
+    assert _fetch(server, dest, sha256=SHA) == dest
+
+
+def test_offline_argument_overrides_env(server, tmp_path, monkeypatch):
+    with pytest.raises(DownloadError, match="offline"):
+        _fetch(server, tmp_path / "file.bin", offline=True)
+    monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
+    assert _fetch(server, tmp_path / "file.bin", offline=False).read_bytes() == DATA
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path / "c"))
+    assert download.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("GLIDE_JAX_CACHE")
+    if os.name == "posix" and not download.sys.platform == "darwin":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert download.cache_dir() == tmp_path / "xdg" / "glide_jax"
