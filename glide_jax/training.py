@@ -1,0 +1,376 @@
+"""Training: the train state, the optimizer, the losses of each model kind and the step function.
+
+Data flow of one step: a global batch (sharded over the mesh's devices) → split into
+`grad_accum` microbatches → per microbatch, the kind's loss and its gradient in the compute dtype
+against float32 master params → mean gradient → global-norm clip → AdamW → EMA update. The whole
+step is one `jax.jit` program whose input and output shardings are fixed up front, so it compiles
+once and XLA inserts the gradient all-reduce (see `glide_jax.parallel`).
+
+Model kinds (`TrainTask.kind`):
+- `base`: text-to-image. Captions are replaced by the empty caption with probability
+  `caption_dropout` (0.2 by default) so one model learns both the conditional and the
+  unconditional eps that classifier-free guidance mixes.
+- `upsample`: super-resolution; the batch carries `low_res`, the degraded small image.
+- `inpaint`: the batch carries `inpaint_mask` (1 = keep); the model sees the kept pixels.
+- `upsample_inpaint`: both of the above.
+- `clip`: the noised CLIP, trained with the contrastive loss on images noised to random timesteps.
+
+The per-example randomness (timesteps, noise, caption dropout, dropout) comes from
+`fold_in(state.rng, step)`, split per microbatch, and JAX's partitionable threefry makes each
+draw independent of how the batch is sharded: the same global batch gives the same update on 1 or
+on 8 devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from glide_jax import parallel
+from glide_jax.config import ConfigError, ModelConfig
+
+DIFFUSION_KINDS = ("base", "upsample", "inpaint", "upsample_inpaint")
+MODEL_KINDS = DIFFUSION_KINDS + ("clip",)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; `step` is the step that produced it."""
+
+    def __init__(self, step: int, metrics: dict[str, float]):
+        self.step = step
+        self.metrics = metrics
+        super().__init__(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+
+
+# -- optimizer -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    schedule: str = "constant"          # "constant" or "cosine" (after warm-up)
+    warmup_steps: int = 0
+    decay_steps: int = 0                # cosine: steps from the end of warm-up to min_learning_rate
+    min_learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # global-norm clip; 0 disables
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
+        for key in ("warmup_steps", "decay_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        if self.schedule == "cosine" and self.decay_steps <= 0:
+            raise ConfigError("optimizer.decay_steps must be positive for the cosine schedule")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
+            raise ConfigError(f"optimizer.b1 and optimizer.b2 must be in [0, 1), got {self.b1}, {self.b2}")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or cosine decay to `min_learning_rate`."""
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(cfg.learning_rate, cfg.decay_steps,
+                                            alpha=cfg.min_learning_rate / cfg.learning_rate)
+    if cfg.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; weight decay only on matrices and kernels, not on
+    biases, norm scales or embeddings' 1-D tables (decaying those only fights the norms)."""
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+# -- state -----------------------------------------------------------------------------------------
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array          # int32 scalar: optimizer steps taken
+    params: Any              # float32 master parameters
+    ema_params: Any          # exponential moving average of params, float32
+    opt_state: Any
+    rng: jax.Array           # raw uint32 key data; raw so checkpoints hold plain arrays
+
+
+def _key(raw: jax.Array) -> jax.Array:
+    return jax.random.wrap_key_data(raw)
+
+
+# -- tasks (what a model kind trains on) -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainTask:
+    """A model plus its objective: `init(key)` gives params, `loss(params, batch, key)` the loss.
+
+    `batch_spec(batch_size)` names the arrays a batch must hold, with shapes and dtypes; the
+    training loop builds exactly those.
+    """
+
+    kind: str
+    init: Callable[[jax.Array], Any]
+    loss: Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict]]
+    batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]]
+    image_size: int
+
+
+def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: str = "float32",
+                   caption_dropout: float = 0.2, empty_tokens=None, empty_mask=None,
+                   low_res_size: int | None = None) -> TrainTask:
+    """Task for the GLIDE U-Net kinds (`base`, `upsample`, `inpaint`, `upsample_inpaint`).
+
+    `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
+    dropout. `low_res_size` is the side of the upsampler's input (image_size // 4 by default).
+    """
+    from glide_jax.unet import GlideUNet, example_inputs
+
+    if kind not in DIFFUSION_KINDS:
+        raise ConfigError(f"model_kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
+    wants_super_res = kind in ("upsample", "upsample_inpaint")
+    wants_inpaint = kind in ("inpaint", "upsample_inpaint")
+    if config.super_res != wants_super_res or config.inpaint != wants_inpaint:
+        raise ConfigError(
+            f"model_kind {kind!r} needs model.super_res={wants_super_res} and model.inpaint={wants_inpaint}, "
+            f"but the model config has super_res={config.super_res}, inpaint={config.inpaint}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if not 0.0 <= caption_dropout < 1.0:
+        raise ConfigError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+    if config.has_text and caption_dropout > 0 and (empty_tokens is None or empty_mask is None):
+        raise ConfigError("caption_dropout > 0 needs the tokenizer's empty caption (empty_tokens, empty_mask)")
+    if config.has_text and empty_tokens is not None:
+        empty_tokens = np.asarray(empty_tokens, np.int32)
+        empty_mask = np.asarray(empty_mask, bool)
+        if empty_tokens.shape != (config.text_ctx,) or empty_mask.shape != (config.text_ctx,):
+            raise ConfigError(f"empty caption tokens/mask must have shape ({config.text_ctx},) (text_ctx), "
+                              f"got {empty_tokens.shape} / {empty_mask.shape}")
+    size = config.image_size
+    low = low_res_size or max(size // 4, 1)
+    model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype])
+    num_timesteps = diffusion.num_timesteps
+
+    def init(key):
+        return model.init(key, **example_inputs(config))["params"]
+
+    def batch_spec(batch_size):
+        spec = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
+        if config.has_text:
+            spec["tokens"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.int32)
+            spec["mask"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.bool_)
+        if wants_super_res:
+            spec["low_res"] = jax.ShapeDtypeStruct((batch_size, low, low, 3), jnp.float32)
+        if wants_inpaint:
+            spec["inpaint_mask"] = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
+        return spec
+
+    def loss(params, batch, key, train=True):
+        x0 = batch["images"]
+        n = x0.shape[0]
+        k_t, k_noise, k_caption, k_dropout = jax.random.split(key, 4)
+        t = jax.random.randint(k_t, (n,), 0, num_timesteps)  # uniform timesteps
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        x_t = diffusion.q_sample(x0, t, noise)
+        kwargs = {}
+        tokens = mask = None
+        if config.has_text:
+            tokens, mask = batch["tokens"], batch["mask"]
+            if train and caption_dropout > 0:
+                drop = jax.random.bernoulli(k_caption, caption_dropout, (n, 1))
+                tokens = jnp.where(drop, jnp.asarray(empty_tokens)[None], tokens)
+                mask = jnp.where(drop, jnp.asarray(empty_mask)[None], mask)
+        if wants_super_res:
+            kwargs["low_res"] = batch["low_res"]
+        if wants_inpaint:
+            kwargs["inpaint_mask"] = batch["inpaint_mask"]
+            kwargs["inpaint_image"] = x0 * batch["inpaint_mask"]
+        out = model.apply({"params": params}, x_t, diffusion.original_timesteps(t), tokens, mask,
+                          deterministic=not train, rngs={"dropout": k_dropout}, **kwargs)
+        terms = diffusion.training_losses(out.astype(jnp.float32), x0, x_t, t, noise)
+        return terms["loss"].mean(), {name: value.mean() for name, value in terms.items()}
+
+    return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=size)
+
+
+def clip_task(clip_config, *, compute_dtype: str = "float32") -> TrainTask:
+    """Task for the noised CLIP: both towers, contrastive loss on images noised to uniform
+    timesteps (`glide_jax.clip.clip_contrastive_loss`). Negatives are the other examples of the
+    (micro)batch, so gradient accumulation shrinks the set of negatives per loss term."""
+    from glide_jax import clip as clip_lib
+
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    size = clip_config.image_size
+    ctx = clip_config.max_text_len
+
+    def init(key):
+        return clip_lib._init_clip_params(clip_config, key)
+
+    def batch_spec(batch_size):
+        return {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                "clip_tokens": jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32),
+                "clip_text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def loss(params, batch, key, train=True):
+        value = clip_lib.clip_contrastive_loss(params, clip_config, key, batch["images"], batch["clip_tokens"],
+                                               batch["clip_text_len"], dtype=compute_dtype)
+        return value, {"loss": value}
+
+    return TrainTask(kind="clip", init=init, loss=loss, batch_spec=batch_spec, image_size=size)
+
+
+# -- creating the state ----------------------------------------------------------------------------
+
+def abstract_state(task: TrainTask, optimizer: optax.GradientTransformation) -> TrainState:
+    """The train state's shapes and dtypes, computed without allocating anything."""
+    return jax.eval_shape(lambda k: _fresh_state(task.init(k), optimizer, k), jax.random.key(0))
+
+
+def _fresh_state(params, optimizer, key) -> TrainState:
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(key))
+
+
+def state_shardings(task: TrainTask, optimizer, mesh, fsdp_min_size: int = parallel.DEFAULT_FSDP_MIN_SIZE):
+    return parallel.state_shardings(abstract_state(task, optimizer), mesh, fsdp_min_size)
+
+
+def create_train_state(task: TrainTask, optimizer, key: jax.Array, mesh, *, params=None,
+                       fsdp_min_size: int = parallel.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
+    """A fresh state placed on `mesh`: params from `task.init(key)`, or the given `params`
+    (e.g. a converted checkpoint, for fine-tuning), which must match the model's tree."""
+    shardings = state_shardings(task, optimizer, mesh, fsdp_min_size)
+    key_init, key_train = jax.random.split(key)
+    if params is None:
+        build = jax.jit(lambda k1, k2: _fresh_state(task.init(k1), optimizer, k2), out_shardings=shardings)
+        return build(key_init, key_train)
+    expected = abstract_state(task, optimizer).params
+    check_params_match(expected, params)
+    params = parallel.place(params, shardings.params)
+    build = jax.jit(lambda p, k: _fresh_state(p, optimizer, k), out_shardings=shardings)
+    return build(params, key_train)
+
+
+def check_params_match(expected, params, source: str = "init params") -> None:
+    """Raises naming the first parameter whose path or shape differs from the model's."""
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ConfigError(f"{source} do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                          f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    for path, shape in want.items():
+        if got[path] != shape:
+            raise ConfigError(f"{source}: parameter {path} has shape {got[path]}, the model expects {shape}")
+
+
+# -- the step ----------------------------------------------------------------------------------------
+
+def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, mesh, shardings, *,
+                    ema_rate: float = 0.9999, grad_accum: int = 1, lr_schedule: optax.Schedule | None = None,
+                    donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted `step(state, batch) -> (state, metrics)` for global batches on `mesh`.
+
+    `shardings` are the state's (from `state_shardings`). The batch's leading axis must divide
+    into `grad_accum` microbatches that each divide over the mesh's devices. Metrics (scalars,
+    replicated): the kind's loss terms averaged over the batch, `grad_norm` before clipping and
+    `learning_rate` of this step.
+    """
+    if not 0.0 <= ema_rate <= 1.0:
+        raise ConfigError(f"ema_rate must be in [0, 1], got {ema_rate}")
+    if grad_accum < 1:
+        raise ConfigError(f"grad_accum must be >= 1, got {grad_accum}")
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+    micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
+
+    def split_microbatches(batch):
+        # Microbatch i takes rows i, i + grad_accum, ...: every device keeps its own rows, so
+        # splitting moves no data between devices.
+        def split(x):
+            x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
+            return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), micro_sharding)
+        return jax.tree.map(split, batch)
+
+    def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(_key(state.rng), state.step)
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, key, True)
+        else:
+            def body(carry, inputs):
+                grads_sum, metrics_sum = carry
+                index, micro = inputs
+                (_, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(key, index), True)
+                return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            micro_batches = split_microbatches(batch)
+            first_metrics = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro_batches),
+                                                           key, True)[0][1])
+            metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_metrics)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros),
+                                               (jnp.arange(grad_accum), micro_batches))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+        metrics = dict(metrics, grad_norm=grad_norm)
+        if lr_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = parallel.replicated_sharding(mesh)
+    return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else ())
+
+
+def make_eval_loss(task: TrainTask, mesh) -> Callable[[Any, dict, jax.Array], dict]:
+    """`eval(params, batch, key) -> metrics` without dropout or caption dropout, for held-out
+    loss at fixed timesteps/noise (the same key gives the same draws)."""
+    def evaluate(params, batch, key):
+        return task.loss(params, batch, key, False)[1]
+
+    return jax.jit(evaluate, out_shardings=parallel.replicated_sharding(mesh))
+
+
+def check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """Host values of `metrics`; raises `NonFiniteLossError` naming `step` if any is NaN/inf."""
+    values = {name: float(value) for name, value in metrics.items()}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise NonFiniteLossError(step, values)
+    return values
+
+
+def params_checksum(params) -> float:
+    """Sum of |p| over this process's copy of the params: processes that disagree differ here."""
+    total = 0.0
+    for leaf in jax.tree.leaves(params):
+        # Replicas of one shard share an index; count each distinct shard once.
+        shards = {tuple((i.start, i.stop) for i in s.index): s.data for s in leaf.addressable_shards}
+        total += float(sum(np.abs(np.asarray(data, np.float64)).sum() for data in shards.values()))
+    return total
