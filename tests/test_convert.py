@@ -1,0 +1,46 @@
+"""The converter reports every bad key before writing anything."""
+
+import numpy as np
+import pytest
+
+from glide_jax.config import ModelConfig
+from glide_jax.convert import ConversionError, convert_state_dict, main as convert_main
+from glide_jax.pt_reader import load_state_dict
+
+
+@pytest.fixture(scope="module")
+def base(golden):
+    return ModelConfig.from_json(golden / "base.config.json"), load_state_dict(golden / "base.pt")
+
+
+def test_missing_unexpected_and_misshaped_keys_are_all_named(base):
+    config, state_dict = base
+    broken = dict(state_dict)
+    del broken["input_blocks.1.0.in_layers.2.weight"]
+    broken["input_blocks.1.0.extra.weight"] = np.zeros(3, np.float32)
+    broken["out.2.weight"] = np.zeros((6, 32, 1, 1), np.float32)
+    with pytest.raises(ConversionError) as err:
+        convert_state_dict(broken, config, source="broken.pt")
+    message = str(err.value)
+    assert "broken.pt" in message
+    assert "input_blocks.1.0.in_layers.2.weight (expected shape (32, 32, 3, 3))" in message
+    assert "input_blocks.1.0.extra.weight (shape (3,))" in message
+    assert "out.2.weight: expected shape (6, 32, 3, 3), found (6, 32, 1, 1)" in message
+
+
+def test_wrong_config_is_refused_and_nothing_written(golden, tmp_path):
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text((golden / "upsample.config.json").read_text())
+    out = tmp_path / "converted"
+    code = convert_main(["--checkpoint", str(golden / "base.pt"), "--config", str(wrong), "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
+
+
+def test_existing_output_is_not_overwritten_without_flag(golden, tmp_path):
+    out = tmp_path / "converted"
+    args = ["--checkpoint", str(golden / "base.pt"), "--config", str(golden / "base.config.json"),
+            "--out", str(out)]
+    assert convert_main(args) == 0
+    assert convert_main(args) == 2
+    assert convert_main(args + ["--overwrite"]) == 0
