@@ -1,7 +1,6 @@
 """Diffusion maths against the reference's golden tables and against numpy written from the formulas."""
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Samplers against a hand-written numpy reverse process, determinism, and compilation shape."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
