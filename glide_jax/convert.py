@@ -1,6 +1,8 @@
 """Convert the reference's PyTorch state dicts into glide-jax parameters.
 
     python -m glide_jax.convert --checkpoint base.pt --config configs/base.json --out models/base
+    python -m glide_jax.convert --clip-image clip_image_enc.pt --clip-text clip_text_enc.pt \
+        --config configs/clip.json --out models/clip
 
 The Flax modules are named after the reference's module tree, so every parameter's reference key
 follows from its Flax path by a few renaming rules (`torch_key`). The converter builds the full
@@ -151,6 +153,17 @@ def convert_checkpoint(checkpoint: str | Path, config: ModelConfig, out_dir: str
     return params
 
 
+def convert_clip_checkpoints(image_checkpoint: str | Path, text_checkpoint: str | Path, config,
+                             out_dir: str | Path, *, overwrite: bool = False) -> dict:
+    """The noised CLIP's two `.pt` files -> one orbax params tree (image and text encoders) in `out_dir`."""
+    from .checkpoint import save_model
+    from .clip import load_clip_checkpoints
+
+    params = load_clip_checkpoints(image_checkpoint, text_checkpoint, config)
+    save_model(out_dir, params, config.to_dict(), overwrite=overwrite)
+    return params
+
+
 def full_size_check(manifest: dict, config: ModelConfig) -> tuple[int, dict]:
     """Compare the expected key set/shapes for `config` with a manifest's; returns (param count, expected)."""
     shapes = param_shapes(config)
@@ -168,19 +181,33 @@ class _ShapeOnly:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .clip import ClipConfig, ClipConversionError
+
     parser = argparse.ArgumentParser(prog="python -m glide_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="reference .pt state dict (torch is not needed)")
-    parser.add_argument("--config", required=True, help="model config JSON (reference option names)")
+    parser.add_argument("--checkpoint", help="reference U-Net .pt state dict (torch is not needed)")
+    parser.add_argument("--clip-image", help="the noised CLIP's image encoder .pt (with --clip-text)")
+    parser.add_argument("--clip-text", help="the noised CLIP's text encoder .pt (with --clip-image)")
+    parser.add_argument("--config", required=True, help="model config JSON (the reference's option names)")
     parser.add_argument("--out", required=True, help="output directory for the orbax params + config.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted model")
     args = parser.parse_args(argv)
+    is_clip = bool(args.clip_image or args.clip_text)
+    if is_clip == bool(args.checkpoint) or (is_clip and not (args.clip_image and args.clip_text)):
+        parser.error("give either --checkpoint (a U-Net) or both --clip-image and --clip-text")
     try:
-        config = ModelConfig.from_json(args.config)
-        params = convert_checkpoint(args.checkpoint, config, args.out, overwrite=args.overwrite)
-    except (ConfigError, ConversionError, ValueError, FileNotFoundError, FileExistsError) as err:
+        if is_clip:
+            config = ClipConfig.from_json(args.config)
+            params = convert_clip_checkpoints(args.clip_image, args.clip_text, config, args.out,
+                                              overwrite=args.overwrite)
+            source = f"{args.clip_image} + {args.clip_text}"
+        else:
+            config = ModelConfig.from_json(args.config)
+            params = convert_checkpoint(args.checkpoint, config, args.out, overwrite=args.overwrite)
+            source = args.checkpoint
+    except (ConfigError, ConversionError, ClipConversionError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"converted {args.checkpoint} ({count_params(params):,} parameters) -> {args.out}")
+    print(f"converted {source} ({count_params(params):,} parameters) -> {args.out}")
     return 0
 
 

@@ -44,3 +44,30 @@ def test_existing_output_is_not_overwritten_without_flag(golden, tmp_path):
     assert convert_main(args) == 0
     assert convert_main(args) == 2
     assert convert_main(args + ["--overwrite"]) == 0
+
+
+def test_clip_conversion_cli_round_trips_through_orbax(golden, tmp_path):
+    import jax.numpy as jnp
+
+    from glide_jax.checkpoint import load_model
+    from glide_jax.clip import ClipConfig, text_features
+
+    out = tmp_path / "clip"
+    code = convert_main(["--clip-image", str(golden / "clip_image_enc.pt"), "--clip-text",
+                         str(golden / "clip_text_enc.pt"), "--config", str(golden / "clip.config.json"),
+                         "--out", str(out)])
+    assert code == 0
+    config_dict, params = load_model(out)
+    config = ClipConfig.from_dict(config_dict)
+    inputs, outputs = np.load(golden / "clip.inputs.npz"), np.load(golden / "clip.outputs.npz")
+    got = text_features(params, config, jnp.asarray(inputs["tokens"]), jnp.asarray(inputs["text_len"]))
+    np.testing.assert_allclose(np.asarray(got), outputs["text_features_raw"], rtol=0, atol=1e-4)
+
+
+def test_clip_image_and_text_files_swapped_is_refused(golden, tmp_path):
+    out = tmp_path / "clip"
+    code = convert_main(["--clip-image", str(golden / "clip_text_enc.pt"), "--clip-text",
+                         str(golden / "clip_image_enc.pt"), "--config", str(golden / "clip.config.json"),
+                         "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
