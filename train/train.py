@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -307,11 +306,19 @@ class Trainer:
                 # that is already done while the device works on this one.
                 settle()
                 pending = (step, metrics)
+                if step == start + 1:
+                    # Keep compilation out of the images/s and ETA figures.
+                    settle()
+                    window_start = run_start = time.perf_counter()
+                    window_first = run_first = step
                 if step % cfg.log.every == 0 or step == total:
                     settle()
                     now = time.perf_counter()
-                    record = self._log_record(step, window, (step - window_first) * self.global_batch / (now - window_start),
-                                              (now - run_start) / max(step - run_first, 1) * (total - step))
+                    # The first step of a session only compiles; it has no rate of its own.
+                    rate = ((step - window_first) * self.global_batch / (now - window_start)
+                            if step > window_first else None)
+                    eta = (now - run_start) / (step - run_first) * (total - step) if step > run_first else None
+                    record = self._log_record(step, window, rate, eta)
                     if primary:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
@@ -335,10 +342,11 @@ class Trainer:
     def _log_record(self, step, window, images_per_sec, eta_s) -> dict:
         means = {k: float(np.mean([m[k] for m in window])) for k in window[0]} if window else {}
         record = {"step": step, **means, "images_per_sec": images_per_sec, "eta_s": eta_s, "time": time.time()}
-        eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
-        log.info("step %d/%d  loss %.5f  grad_norm %.4f  lr %.3g  %.1f img/s  eta %s", step, self.cfg.train_steps,
+        eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s is not None else "?"
+        rate = f"{images_per_sec:.1f}" if images_per_sec is not None else "?"
+        log.info("step %d/%d  loss %.5f  grad_norm %.4f  lr %.3g  %s img/s  eta %s", step, self.cfg.train_steps,
                  means.get("loss", float("nan")), means.get("grad_norm", float("nan")),
-                 means.get("learning_rate", float("nan")), images_per_sec, eta)
+                 means.get("learning_rate", float("nan")), rate, eta)
         return record
 
     def close(self) -> None:

@@ -1,0 +1,320 @@
+"""Training: loss goes down, device count does not change the result, kill-and-resume continues
+exactly, two processes train as one, non-finite losses stop the run, config errors name the key.
+
+Everything that compiles runs in subprocesses that share one persistent compilation cache (the
+kill/resume runs compile the same programs), with XLA's backend optimisation off: these tiny
+programs run in milliseconds, and compiling them is what costs time on a CI machine.
+"""
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT
+
+# The smallest U-Net the config allows (GroupNorm needs 32 channels), one text layer.
+TINY_MODEL = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+              "attention_resolutions": "", "num_head_channels": 16, "text_ctx": 8, "xf_width": 16,
+              "xf_layers": 1, "xf_heads": 2, "n_vocab": 40, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def env(workdir):
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    })
+    for name in ("GLIDE_COORDINATOR_ADDRESS", "GLIDE_NUM_PROCESSES", "GLIDE_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def spm_model(workdir):
+    from glide_jax import shapes, tokenizers
+
+    captions = [c for scene in itertools.islice(shapes.iter_scenes(0), 300) for c in scene.captions()]
+    path = workdir / "shapes.model"
+    tokenizers.SentencePieceTokenizer.train(captions, path, 40)
+    return path
+
+
+def run_config(spm_model, run_dir, **changes) -> dict:
+    config = {
+        "model": dict(TINY_MODEL),
+        "model_kind": "base",
+        "train_steps": 20,
+        "seed": 3,
+        "ema_rate": 0.9,
+        "tokenizer": {"kind": "sentencepiece", "path": str(spm_model)},
+        "data": {"source": {"kind": "shapes", "epoch_size": 48}, "prefetch": 0, "shuffle_buffer": 0},
+        "diffusion": {"steps": 100},
+        "batch": {"global_size": 4},
+        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
+        "checkpoint": {"dir": str(run_dir), "every": 5, "keep": 2},
+        "log": {"every": 5},
+    }
+    for key, value in changes.items():
+        node = config
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train_cmd(config_path, *overrides):
+    return [sys.executable, "-m", "train.train", "--config", str(config_path), *overrides]
+
+
+def final_checksum(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    done = [r for r in records if r.get("event") == "done"]
+    assert done, f"no 'done' record in {run_dir / 'metrics.jsonl'}"
+    return done[-1]["params_checksum"]
+
+
+def saved_params(run_dir: Path, step: int):
+    """The raw params of checkpoint `step`, as numpy, read without the trainer."""
+    import jax
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.PyTreeCheckpointer()
+    path = run_dir / str(step) / "state"
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
+
+
+def assert_trees_close(a, b, atol, what):
+    import jax
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b), what
+    worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for (_, x), y in zip(leaves_a, leaves_b))
+    assert worst <= atol, f"{what}: params differ by up to {worst} (tolerance {atol})"
+
+
+# -- one process, several simulated devices ------------------------------------------------------
+
+DEVICES_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from glide_jax import parallel, training
+from glide_jax.config import ModelConfig
+from glide_jax.diffusion import GaussianDiffusion
+from glide_jax.shapes import scene_at
+
+model = ModelConfig.from_dict(json.loads({model!r}))
+diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
+task = training.diffusion_task(model, diffusion, "base", caption_dropout=0.2,
+                               empty_tokens=np.ones(8, np.int32), empty_mask=np.zeros(8, bool))
+opt_cfg = training.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, grad_clip=1.0, eps=1e-4)
+optimizer = training.make_optimizer(opt_cfg)
+rng = np.random.default_rng(0)
+batch = {{"images": np.stack([scene_at(0, i).render(8) for i in range(8)]).astype(np.float32) / 127.5 - 1,
+          "tokens": rng.integers(2, 40, (8, 8)).astype(np.int32),
+          "mask": np.arange(8)[None, :] < rng.integers(1, 9, (8, 1))}}
+out = {{}}
+finals = {{}}
+for name, mesh in [("one", parallel.make_mesh(devices=jax.devices()[:1])), ("eight", parallel.make_mesh()),
+                   ("fsdp", parallel.make_mesh(fsdp=4))]:
+    shardings = training.state_shardings(task, optimizer, mesh, fsdp_min_size=1024)
+    state = training.create_train_state(task, optimizer, jax.random.key(7), mesh, fsdp_min_size=1024)
+    step = training.make_train_step(task, optimizer, mesh, shardings, ema_rate=0.5,
+                                    lr_schedule=training.learning_rate_schedule(opt_cfg))
+    global_batch = parallel.shard_batch(batch, mesh)
+    for _ in range({steps}):
+        state, metrics = step(state, global_batch)
+    out[name + "_loss"] = float(metrics["loss"])
+    out[name + "_devices"] = len(state.params["unet"]["out_conv"]["kernel"].sharding.device_set)
+    out[name + "_sharded_leaves"] = sum(not leaf.sharding.is_fully_replicated
+                                        for leaf in jax.tree.leaves(state.params))
+    finals[name] = parallel.to_host(state)
+    if name == "one":
+        evaluate = training.make_eval_loss(task, mesh)
+        key = jax.random.key(11)
+        before = float(evaluate(finals["one"].params, global_batch, key)["loss"])
+        for _ in range(25):
+            state, metrics = step(state, global_batch)
+        out["eval_before"] = before
+        out["eval_after"] = float(evaluate(state.params, global_batch, key)["loss"])
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+for name in ("eight", "fsdp"):
+    out[name + "_params_diff"] = max_diff(finals["one"].params, finals[name].params)
+    out[name + "_ema_diff"] = max_diff(finals["one"].ema_params, finals[name].ema_params)
+    out[name + "_opt_diff"] = max_diff(finals["one"].opt_state, finals[name].opt_state)
+    out[name + "_step"] = int(finals[name].step)
+out["param_scale"] = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(finals["one"].params))
+print(json.dumps(out))
+"""
+
+
+def test_same_update_on_one_eight_and_fsdp_devices_and_loss_goes_down(env):
+    script = DEVICES_SCRIPT.format(model=json.dumps(TINY_MODEL), steps=3)
+    child_env = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env, capture_output=True, text=True,
+                          timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["one_devices"] == 1 and out["eight_devices"] == 8 and out["fsdp_devices"] == 8
+    assert out["one_sharded_leaves"] == 0 and out["eight_sharded_leaves"] == 0
+    assert out["fsdp_sharded_leaves"] > 0, "fsdp=4 with fsdp_min_size=1024 should shard the large kernels"
+    for name in ("eight", "fsdp"):
+        assert out[name + "_step"] == 3
+        # Only the order of float reductions differs. Adam divides by sqrt(v) + eps, which turns
+        # reduction-order noise in near-zero gradients into steps of up to lr; eps=1e-4 bounds that
+        # amplification so the comparison can be tight (3 steps of lr 1e-3 move params ~3e-3).
+        assert out[name + "_params_diff"] < 2e-5, out
+        assert out[name + "_ema_diff"] < 2e-5, out
+        assert out[name + "_opt_diff"] < 1e-4, out
+    print(out)
+    assert out["eval_after"] < 0.8 * out["eval_before"], out
+
+
+# -- the training CLI ------------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_params(env, spm_model, workdir):
+    steps = 40
+    reference_dir, killed_dir = workdir / "uninterrupted", workdir / "killed"
+    reference = write_config(workdir / "uninterrupted.json",
+                             run_config(spm_model, reference_dir, train_steps=steps))
+    proc = subprocess.run(train_cmd(reference), env=env, capture_output=True, text=True, timeout=600,
+                          cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    killed = write_config(workdir / "killed.json", run_config(spm_model, killed_dir, train_steps=steps))
+    child = subprocess.Popen(train_cmd(killed), env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    # A checkpoint directory gets its final name only once complete (orbax renames it).
+    while not (killed_dir / "10").is_dir() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert not (killed_dir / str(steps)).exists()
+
+    proc = subprocess.run(train_cmd(killed), env=env, capture_output=True, text=True, timeout=600,
+                          cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr
+    # Same program, same inputs, same order: bit-identical, not merely close.
+    assert_trees_close(saved_params(reference_dir, steps), saved_params(killed_dir, steps), 0.0,
+                       "resumed vs uninterrupted")
+    assert final_checksum(killed_dir) == final_checksum(reference_dir)
+    first = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in first if "loss" in r]
+    assert losses[-1] < losses[0], f"loss did not go down over {steps} steps: {losses}"
+
+
+def test_two_processes_train_together_and_agree(env, spm_model, workdir):
+    run_dir = workdir / "two_processes"
+    config = write_config(workdir / "two.json", run_config(spm_model, run_dir, train_steps=6,
+                                                          checkpoint__every=3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    children = []
+    for pid in range(2):
+        child_env = dict(env, GLIDE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", GLIDE_NUM_PROCESSES="2",
+                         GLIDE_PROCESS_ID=str(pid))
+        children.append(subprocess.Popen(train_cmd(config), env=child_env, cwd=PROJECT_ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [child.communicate(timeout=600) for child in children]
+    for child, (_, err) in zip(children, outputs):
+        assert child.returncode == 0, err[-4000:]
+    checksums = []
+    for _, err in outputs:
+        assert "2 devices, 2 processes, global batch 4 (2 per process)" in err, err[-2000:]
+        line = [l for l in err.splitlines() if "params checksum" in l][-1]
+        checksums.append(float(line.rsplit(" ", 1)[1]))
+    assert checksums[0] == checksums[1], f"processes disagree on the params: {checksums}"
+    saved = json.loads((run_dir / "6" / "data" / "metadata").read_text())
+    assert [p["host_index"] for p in saved["processes"]] == [0, 1]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, spm_model, workdir):
+    run_dir = workdir / "diverging"
+    config = write_config(workdir / "diverging.json", run_config(
+        spm_model, run_dir, train_steps=8, optimizer={"learning_rate": 1e30, "grad_clip": 0.0},
+        checkpoint__every=1, checkpoint__keep=20, log__every=1))
+    proc = subprocess.run(train_cmd(config), env=env, capture_output=True, text=True, timeout=600,
+                          cwd=PROJECT_ROOT)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    message = [l for l in proc.stderr.splitlines() if "non-finite loss at step" in l]
+    assert message, proc.stderr[-4000:]
+    bad_step = int(message[0].split("non-finite loss at step ")[1].split(":")[0])
+    assert 2 <= bad_step <= 8
+    assert f"last good checkpoint: step {bad_step - 1}" in message[0]
+    saved = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
+    assert saved == list(range(1, bad_step)), saved
+
+
+def test_config_errors_name_the_key(env, spm_model, workdir):
+    from glide_jax.config import ConfigError
+    from train.run_config import RunConfig, load_run_config
+
+    base = run_config(spm_model, workdir / "unused")
+    cases = {
+        "optimizer.learning_rat": ({"optimizer": {"learning_rat": 1.0}}, "optimizer.learning_rat"),
+        "checkpoint.every": ({"checkpoint": {"dir": "x", "every": 0}}, "checkpoint.every"),
+        "batch": ({"batch": {"global_size": 4, "per_device_size": 2}}, "batch.global_size"),
+        "log.every type": ({"log": {"every": "often"}}, "log.every"),
+        "model_kind": ({"model_kind": "video"}, "model_kind"),
+        "model option": ({"model": dict(TINY_MODEL, num_channel=3)}, "num_channel"),
+        "schedule": ({"optimizer": {"schedule": "cosine"}}, "optimizer.decay_steps"),
+    }
+    for name, (change, expected) in cases.items():
+        values = json.loads(json.dumps(base))
+        for key, value in change.items():
+            values[key] = dict(values[key], **value) if isinstance(value, dict) and key != "model" else value
+        with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+            cfg = RunConfig.from_dict(values)
+            if name == "model option":
+                from glide_jax.config import ModelConfig
+                ModelConfig.from_dict(cfg.model, source="model")
+
+    path = write_config(workdir / "base.json", base)
+    with pytest.raises(ConfigError, match=r"optimizer\.b1"):
+        load_run_config(path, ["optimizer.b1=1.5"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_run_config(path, ["optimizer.b1"])
+
+    # Through the CLI: exit code 2 and the key in the message, before any compilation.
+    proc = subprocess.run(train_cmd(path, "checkpoint.kep=3"), env=env, capture_output=True, text=True,
+                          timeout=120, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "checkpoint.kep" in proc.stderr
+    proc = subprocess.run(train_cmd(path, "model.xf_heads=3"), env=env, capture_output=True, text=True,
+                          timeout=120, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "xf_heads" in proc.stderr
