@@ -318,3 +318,82 @@ def test_config_errors_name_the_key(env, spm_model, workdir):
                           timeout=120, cwd=PROJECT_ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "xf_heads" in proc.stderr
+
+
+def test_fine_tuning_starts_from_the_given_checkpoint(env, spm_model, workdir):
+    import jax
+
+    from glide_jax import checkpoint
+    from glide_jax.config import ConfigError, ModelConfig
+    from glide_jax.unet import param_shapes
+    from train.train import Trainer
+    from train.run_config import load_run_config
+
+    model = ModelConfig.from_dict(TINY_MODEL)
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), param_shapes(model))
+    init_dir = checkpoint.save_model(workdir / "released", params, model.to_dict())
+    run_dir = workdir / "finetune"
+    config = run_config(spm_model, run_dir, train_steps=1)
+    del config["model"]           # taken from the checkpoint
+    path = write_config(workdir / "finetune.json", config)
+    # Warm-up makes step 1's learning rate 0, so its checkpoint must hold the given params exactly.
+    proc = subprocess.run(train_cmd(path, "--init-from", str(init_dir)), env=env, capture_output=True,
+                          text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fine-tuning from" in proc.stderr
+    assert_trees_close(params, saved_params(run_dir, 1), 0.0, "fine-tuned step 1 vs the initial checkpoint")
+
+    # A checkpoint of another architecture is refused, naming the parameter that differs.
+    other = checkpoint.save_model(workdir / "other", jax.tree.map(
+        lambda s: np.zeros(s.shape, np.float32), param_shapes(ModelConfig.from_dict(dict(TINY_MODEL, xf_width=32)))),
+        dict(TINY_MODEL, xf_width=32))
+    cfg, raw = load_run_config(path, [f"init_from={other}", f"model={json.dumps(TINY_MODEL)}",
+                                      f"checkpoint.dir={workdir / 'refused'}"])
+    with pytest.raises(ConfigError, match="init params: parameter .* has shape"):
+        Trainer(cfg, raw)
+
+
+@pytest.mark.parametrize("kind", ["base", "upsample", "inpaint", "upsample_inpaint", "clip"])
+def test_every_model_kind_builds_a_loss_over_its_batch(kind):
+    import jax
+
+    from glide_jax import training
+    from glide_jax.clip import ClipConfig
+    from glide_jax.config import ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    if kind == "clip":
+        task = training.clip_task(ClipConfig(image_size=8, patch_size=4, max_text_len=8, n_embd=16,
+                                             n_head_state_text=8, n_head_text=2, n_xf_blocks_text=1,
+                                             n_head_state_image=8, n_head_image=2, n_xf_blocks_image=1,
+                                             n_timesteps=100, n_vocab=64))
+    else:
+        model = ModelConfig.from_dict(dict(TINY_MODEL, image_size=16, super_res="upsample" in kind,
+                                           inpaint="inpaint" in kind))
+        task = training.diffusion_task(model, GaussianDiffusion.create("linear", 100), kind,
+                                       empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))
+    optimizer = training.make_optimizer(training.OptimizerConfig())
+    state = training.abstract_state(task, optimizer)
+    spec = task.batch_spec(4)
+    expected = {"base": {"images", "tokens", "mask"}, "upsample": {"images", "tokens", "mask", "low_res"},
+                "inpaint": {"images", "tokens", "mask", "inpaint_mask"},
+                "upsample_inpaint": {"images", "tokens", "mask", "low_res", "inpaint_mask"},
+                "clip": {"images", "clip_tokens", "clip_text_len"}}[kind]
+    assert set(spec) == expected
+    if "low_res" in spec:
+        assert spec["low_res"].shape == (4, 4, 4, 3)
+    loss, grads = jax.eval_shape(jax.value_and_grad(lambda p, b: task.loss(p, b, jax.random.key(0))[0]),
+                                 state.params, spec)
+    assert loss.shape == () and loss.dtype == np.float32
+    assert jax.tree.structure(grads) == jax.tree.structure(state.params)
+
+
+def test_wrong_model_kind_for_the_model_config_is_refused():
+    from glide_jax import training
+    from glide_jax.config import ConfigError, ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    with pytest.raises(ConfigError, match="model_kind 'upsample' needs model.super_res=True"):
+        training.diffusion_task(ModelConfig.from_dict(TINY_MODEL), GaussianDiffusion.create("linear", 100),
+                                "upsample", empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))

@@ -111,7 +111,7 @@ class RunConfig:
         if self.model_kind not in MODEL_KINDS:
             raise ConfigError(f"model_kind must be one of {list(MODEL_KINDS)}, got {self.model_kind!r}")
         if self.model is None and not self.init_from:
-            raise ConfigError("model is required (inline options or a path) unless init_from is given")
+            raise ConfigError("model is required (inline options or a path) unless init_from (--init-from) is given")
         if self.model is not None and not isinstance(self.model, (dict, str)):
             raise ConfigError(f"model must be a dict of options or a path, got {type(self.model).__name__}")
         if self.train_steps <= 0:

@@ -36,7 +36,7 @@ def _parse_args(argv):
     parser.add_argument("--config", help="run config JSON (see train/run_config.py)")
     parser.add_argument("--init-from", dest="init_from", help="converted checkpoint directory to fine-tune from")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.learning_rate=1e-4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
