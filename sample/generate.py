@@ -1,0 +1,293 @@
+"""Generate images from text with GLIDE: base model (64px), then the upsampler.
+
+    python -m sample.generate --prompt "an oil painting of a corgi" --batch-size 4 --out out/
+    python -m sample.generate --prompt-file prompts.txt --respacing 100 --upsample-steps fast27
+    python -m sample.generate --prompt "a corgi in a field" --inpaint-image grass.png --inpaint-mask mask.png
+    python -m sample.generate --prompt "a red cube" --guidance clip --clip-guidance-scale 3
+
+Writes `OUT/NNNN.png` (image NNNN = prompt index × batch size + repeat) and `OUT/grid.png`
+(one row per prompt). Weights: `--checkpoint-dir` holds converted models (`base/`, `upsample/`,
+`base_inpaint/`, `upsample_inpaint/`, `clip/`) or the reference's `.pt` files; without it the
+released weights are downloaded and converted once into the cache.
+
+Progress is reported per stage (compile time, sampling time, steps/s): each stage is one compiled
+program, and a per-step host callback would cost a device→host synchronisation every step and
+fire once per device under sharding, for a number the per-stage time already gives.
+
+Multi-process: start one copy per host with GLIDE_COORDINATOR_ADDRESS, GLIDE_NUM_PROCESSES and
+GLIDE_PROCESS_ID set; all hosts sample together and each writes its share of the images
+(image i on process i mod process count); process 0 writes the grid.
+
+Exit codes: 0 done, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+# The reference's notebooks: 100 base steps, 27 upsampler steps.
+DEFAULT_RESPACING = "100"
+DEFAULT_UPSAMPLE_RESPACING = "fast27"
+
+
+class InputError(Exception):
+    """Bad command-line input; reported as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise InputError(message)
+
+
+def _parse_args(argv):
+    p = _Parser(prog="python -m sample.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; '' is unconditional)")
+    p.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines are skipped)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--guidance", choices=("cfg", "clip"), default="cfg",
+                   help="classifier-free guidance (cfg) or noised-CLIP guidance (clip)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (>= 0)")
+    p.add_argument("--clip-guidance-scale", type=float, default=3.0, help="CLIP guidance scale (>= 0)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="base sampling steps (evenly respaced)")
+    steps.add_argument("--respacing", help=f"base timestep respacing, e.g. 100, 10,10,10, ddim50, fast27 "
+                                           f"(default {DEFAULT_RESPACING})")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="base sampler (default ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (>= 0; 0 is deterministic)")
+    up = p.add_mutually_exclusive_group()
+    up.add_argument("--upsample", dest="upsample", action="store_true", default=True,
+                    help="run the upsampler after the base model (default)")
+    up.add_argument("--no-upsample", dest="upsample", action="store_false", help="stop at the base model")
+    p.add_argument("--upsample-steps", default=DEFAULT_UPSAMPLE_RESPACING,
+                   help=f"upsampler steps or respacing, e.g. 27 or fast27 (default {DEFAULT_UPSAMPLE_RESPACING})")
+    p.add_argument("--upsample-temp", type=float, default=0.997, help="upsampler noise temperature (> 0)")
+    p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"),
+                   help="upsampler sampler (default ddim, ddpm when inpainting, as the reference)")
+    p.add_argument("--inpaint-image", help="image to inpaint (needs --inpaint-mask)")
+    p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
+    p.add_argument("--checkpoint-dir", help="directory of converted models or the reference's .pt files")
+    p.add_argument("--vocab-dir", help="tokenizer vocabulary directory (default: the cache, downloaded)")
+    p.add_argument("--out", default="samples", help="output directory (default ./samples)")
+    return p.parse_args(argv)
+
+
+# -- input checks (before any model is loaded) ------------------------------------------------------
+
+
+def _check_args(args) -> None:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for name in ("guidance_scale", "clip_guidance_scale", "eta"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not math.isfinite(args.upsample_temp) or args.upsample_temp <= 0:
+        raise InputError(f"--upsample-temp must be a finite number > 0, got {args.upsample_temp}")
+    if args.steps is not None and args.steps < 2:
+        raise InputError(f"--steps must be at least 2, got {args.steps}")
+    if not 0 <= args.seed < 2 ** 32:
+        # jax.random.key keeps only 32 bits without x64, so larger seeds would collide silently.
+        raise InputError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if (args.inpaint_image is None) != (args.inpaint_mask is None):
+        given, missing = (("--inpaint-image", "--inpaint-mask") if args.inpaint_image
+                          else ("--inpaint-mask", "--inpaint-image"))
+        raise InputError(f"{given} needs {missing} too")
+    if args.sampler == "ddpm" and args.eta:
+        raise InputError("--eta applies to --sampler ddim only")
+
+
+def _respacings(args) -> tuple[str, str]:
+    from glide_jax.diffusion import space_timesteps
+
+    base = str(args.steps) if args.steps is not None else (args.respacing or DEFAULT_RESPACING)
+    up = str(args.upsample_steps)
+    for option, value in (("--steps/--respacing", base), ("--upsample-steps", up)):
+        try:
+            kept = space_timesteps(1000, value)
+        except ValueError as err:
+            raise InputError(f"{option}: {err}") from None
+        if len(kept) < 2:
+            raise InputError(f"{option} {value!r} keeps {len(kept)} step(s); at least 2 are needed")
+    return base, up
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it ({err})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("no prompt: give --prompt (repeatable, '' for unconditional) or --prompt-file")
+    return prompts
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def _load(name: str, checkpoint_dir: str | None):
+    from glide_jax import weights
+
+    if checkpoint_dir:
+        return weights.load_local(checkpoint_dir, name)
+    return weights.load_released(name)
+
+
+def _diffusion(config, respacing: str):
+    from glide_jax.diffusion import GaussianDiffusion
+
+    # The released configs name their schedule; the reference's defaults otherwise.
+    schedule = config.noise_schedule or ("linear" if config.super_res else "squaredcos_cap_v2")
+    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing)
+
+
+def _tokens(tokenizer, prompts, ctx, stage, log):
+    tokens, mask, truncated = tokenizer.tokenize_batch(prompts, ctx, return_truncated=True)
+    for i in np.flatnonzero(truncated):
+        log(f"warning: {stage}: prompt {i + 1} is longer than the model's {ctx}-token text context and "
+            f"was truncated: {prompts[i]!r}", err=True)
+    return tokens, mask
+
+
+def _report(log, stage, timing):
+    compile_part = "cached program" if timing.cached else f"compiled in {timing.compile_s:.1f} s"
+    log(f"{stage}: {timing.batch} image(s) x {timing.steps} steps: {compile_part}, sampled in "
+        f"{timing.run_s:.1f} s ({timing.steps_per_s:.2f} steps/s)")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def run(args, log) -> Path:
+    import jax
+
+    from glide_jax import parallel, pipeline
+    from glide_jax.tokenizers import GlideBPETokenizer
+    from sample import images as image_io
+
+    _check_args(args)
+    base_respacing, up_respacing = _respacings(args)
+    prompts = _prompts(args)
+    inpainting = args.inpaint_image is not None
+    inpaint_files = image_io.load_inpaint_inputs(args.inpaint_image, args.inpaint_mask) if inpainting else None
+    out = Path(args.out)
+
+    # Every image is (prompt, repeat); image i = prompt i // batch_size.
+    n = len(prompts) * args.batch_size
+    image_prompts = [p for p in prompts for _ in range(args.batch_size)]
+    mesh = parallel.make_mesh()
+    key = jax.random.key(args.seed)
+    tokenizer = GlideBPETokenizer(args.vocab_dir)
+
+    base_config, base_params = _load("base-inpaint" if inpainting else "base", args.checkpoint_dir)
+    diffusion = _diffusion(base_config, base_respacing)
+    base_params = pipeline.prepare_params(base_params, mesh)
+    tokens, mask = _tokens(tokenizer, image_prompts, base_config.text_ctx, "base", log)
+    extra = {}
+    if inpainting:
+        size = base_config.image_size
+        base_mask = image_io.mask_to_array(inpaint_files[1], size)
+        extra = dict(inpaint_image=np.repeat(image_io.image_to_array(inpaint_files[0], size)[None], n, 0),
+                     inpaint_mask=np.repeat(base_mask[None], n, 0))
+    common = dict(diffusion=diffusion, sampler=args.sampler, eta=args.eta, dtype=args.dtype, mesh=mesh, **extra)
+    timing = pipeline.StageTiming()
+    stage = f"base ({args.guidance} guidance, {args.sampler}, {diffusion.num_timesteps} steps)"
+    log(f"{stage}: sampling {n} image(s) on {len(mesh.devices.flat)} device(s)...")
+    if args.guidance == "clip":
+        from glide_jax.clip import ClipConfig
+        from glide_jax.tokenizers import ClipBPETokenizer
+
+        clip_config, clip_params = _load("clip", args.checkpoint_dir)
+        if not isinstance(clip_config, ClipConfig):
+            raise InputError("the 'clip' checkpoint does not hold a noised CLIP")
+        clip_tokens, clip_len = ClipBPETokenizer(args.vocab_dir).batch_padded_and_len(
+            image_prompts, clip_config.max_text_len)
+        images = pipeline.sample_clip_guided(
+            base_config, base_params, tokens, mask, clip_config, clip_params, clip_tokens, clip_len,
+            jax.random.fold_in(key, 0), clip_guidance_scale=args.clip_guidance_scale, timing=timing, **common)
+    else:
+        images = pipeline.sample_base(base_config, base_params, tokens, mask, jax.random.fold_in(key, 0),
+                                      guidance_scale=args.guidance_scale, timing=timing, **common)
+    _report(log, "base", timing)
+    del base_params
+
+    if args.upsample:
+        up_config, up_params = _load("upsample-inpaint" if inpainting else "upsample", args.checkpoint_dir)
+        up_diffusion = _diffusion(up_config, up_respacing)
+        up_params = pipeline.prepare_params(up_params, mesh)
+        up_tokens, up_mask = _tokens(tokenizer, image_prompts, up_config.text_ctx, "upsample", log)
+        extra = {}
+        if inpainting:
+            size = up_config.image_size
+            extra = dict(inpaint_image=np.repeat(image_io.image_to_array(inpaint_files[0], size)[None], n, 0),
+                         inpaint_mask=np.repeat(image_io.upsample_mask(base_mask, size)[None], n, 0))
+        sampler = args.upsample_sampler or ("ddpm" if inpainting else "ddim")
+        timing = pipeline.StageTiming()
+        log(f"upsample ({sampler}, {up_diffusion.num_timesteps} steps, temp {args.upsample_temp}): "
+            f"sampling {n} image(s)...")
+        # 8-bit quantisation of the 64px images happens inside the stage, as the reference's cascade.
+        images = pipeline.sample_upsample(
+            up_config, up_params, images, up_tokens, up_mask, jax.random.fold_in(key, 1),
+            diffusion=up_diffusion, temp=args.upsample_temp, sampler=sampler, dtype=args.dtype, mesh=mesh,
+            timing=timing, **extra)
+        _report(log, "upsample", timing)
+
+    pixels = pipeline.to_uint8(images)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(jax.process_index(), n, jax.process_count()):
+        image_io.save_png(out / f"{i:04d}.png", pixels[i])
+    if parallel.is_primary():
+        image_io.save_png(out / "grid.png", image_io.make_grid(pixels, columns=args.batch_size))
+    log(f"wrote {n} image(s) and grid.png to {out.resolve()}")
+    return out
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean the user's input (files, options, weights) is wrong, not the program."""
+    from glide_jax.checkpoint import CheckpointError
+    from glide_jax.config import ConfigError
+    from glide_jax.pipeline import PipelineError
+    from glide_jax.weights import WeightsError
+    from sample.images import ImageInputError
+
+    return (ConfigError, PipelineError, ImageInputError, WeightsError, CheckpointError, FileNotFoundError)
+
+
+def main(argv=None) -> int:
+    def log(message, err=False):
+        import jax
+
+        if err or jax.process_index() == 0:
+            print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+    try:
+        args = _parse_args(argv)
+        from glide_jax import parallel
+        # Must run before anything touches a device.
+        parallel.initialize_distributed()
+        run(args, log)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        if isinstance(err, _bad_input_errors()):
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

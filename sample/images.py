@@ -1,0 +1,82 @@
+"""Image files for the sampling CLI: PNG and grid writing, inpainting image and mask loading."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageInputError(ValueError):
+    """An input image or mask cannot be read or does not fit; the message names the file."""
+
+
+def open_image(path: str | Path, what: str) -> Image.Image:
+    """The image at `path`, fully decoded (so a truncated file fails here, not later)."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise ImageInputError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageInputError(f"{what} {path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageInputError(f"{what} {path}: cannot read it as an image ({err})") from None
+    return image
+
+
+def image_to_array(image: Image.Image, size: int) -> np.ndarray:
+    """RGB image resized (bicubic, as the reference's inpainting notebook) → (size, size, 3) in [-1, 1]."""
+    resized = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
+    return np.asarray(resized, np.float32) / 127.5 - 1
+
+
+def mask_to_array(mask: Image.Image, size: int) -> np.ndarray:
+    """Mask image → (size, size, 1) float32 of 0/1, 1 (white) where the image is kept.
+
+    Area-averaged to `size` then thresholded at half, so a pixel is kept when most of what it
+    covers is white; alpha is ignored (only luminance counts).
+    """
+    grey = mask.convert("L").resize((size, size), resample=Image.BOX)
+    return (np.asarray(grey, np.float32) >= 127.5).astype(np.float32)[..., None]
+
+
+def upsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A (h, w, 1) 0/1 mask → (size, size, 1), nearest neighbour (the reference upsamples its 64px mask so)."""
+    image = Image.fromarray((mask[..., 0] * 255).astype(np.uint8))
+    return (np.asarray(image.resize((size, size), resample=Image.NEAREST)) >= 128).astype(np.float32)[..., None]
+
+
+def load_inpaint_inputs(image_path, mask_path) -> tuple[Image.Image, Image.Image]:
+    """Reads the inpainting image and mask; they must be the same size."""
+    image = open_image(image_path, "--inpaint-image")
+    mask = open_image(mask_path, "--inpaint-mask")
+    if image.size != mask.size:
+        raise ImageInputError(f"--inpaint-mask {mask_path} is {mask.size[0]}x{mask.size[1]} but --inpaint-image "
+                              f"{image_path} is {image.size[0]}x{image.size[1]}; they must be the same size")
+    return image, mask
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """Writes an (H, W, 3) uint8 image; no timestamp or other varying metadata, so equal images give equal bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"save_png expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 → one image, row-major, `columns` per row (about square when None), white gaps."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"make_grid expects a non-empty (N, H, W, C) batch, got {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * h + (rows - 1) * pad, columns * w + (columns - 1) * pad, c), 255, images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * (h + pad): r * (h + pad) + h, col * (w + pad): col * (w + pad) + w] = image
+    return grid

@@ -1,0 +1,166 @@
+"""`python -m sample.generate` end to end on the golden tiny models (64px base → 64px upsampler).
+
+The CLI runs in-process through `main(argv)` so the compiled stage programs are shared between
+runs (a rerun with the same shapes reuses them); one test runs it as a real subprocess."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glide_jax.clip import ClipConfig
+from glide_jax.config import ModelConfig
+from glide_jax.convert import convert_checkpoint, convert_clip_checkpoints
+from sample import generate
+
+from conftest import PROJECT_ROOT
+
+LONG_PROMPT = "a very detailed oil painting of a small red cube on a wooden table in the morning light"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(golden, tmp_path_factory):
+    """The golden tiny models converted into one --checkpoint-dir, as a user would lay it out."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for name in ("base", "upsample", "base_inpaint", "upsample_inpaint"):
+        convert_checkpoint(golden / f"{name}.pt", ModelConfig.from_json(golden / f"{name}.config.json"), root / name)
+    convert_clip_checkpoints(golden / "clip_image_enc.pt", golden / "clip_text_enc.pt",
+                             ClipConfig.from_json(golden / "clip.config.json"), root / "clip")
+    return root
+
+
+def cli(golden, checkpoints, out, *extra):
+    return ["--checkpoint-dir", str(checkpoints), "--vocab-dir", str(golden / "vocab"), "--out", str(out), *extra]
+
+
+def read(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def cascade(golden, checkpoints, tmp_path_factory):
+    """One base → upsampler run: two prompts (one too long, one empty) × 2 images."""
+    out = tmp_path_factory.mktemp("cascade")
+    args = cli(golden, checkpoints, out, "--prompt", LONG_PROMPT, "--prompt", "", "--batch-size", "2",
+               "--steps", "3", "--upsample-steps", "3", "--seed", "5")
+    return out, args
+
+
+def test_cascade_writes_images_and_grid(cascade, capsys):
+    out, args = cascade
+    assert generate.main(args) == 0
+    captured = capsys.readouterr()
+    assert "truncated" in captured.err and "prompt 1" in captured.err  # 16-token context
+    assert "prompt 3" not in captured.err  # the empty prompt is valid as is
+    assert "steps/s" in captured.out and "upsample" in captured.out and str(out.resolve()) in captured.out
+    images = [read(out / f"{i:04d}.png") for i in range(4)]
+    assert all(image.shape == (64, 64, 3) and image.dtype == np.uint8 for image in images)
+    assert not (out / "0004.png").exists()
+    assert len({image.tobytes() for image in images}) == 4  # every image has its own noise
+    grid = read(out / "grid.png")
+    assert grid.shape == (2 * 64 + 2, 2 * 64 + 2, 3)  # one row per prompt, one column per image
+    np.testing.assert_array_equal(grid[66:, 66:], images[3])
+
+
+def test_same_seed_same_bytes_other_seed_other_images(cascade, tmp_path, capsys):
+    out, args = cascade
+    if not (out / "0000.png").exists():
+        assert generate.main(args) == 0
+    again = tmp_path / "again"
+    assert generate.main([a if a != str(out) else str(again) for a in args]) == 0
+    assert "cached program" in capsys.readouterr().out  # same shapes: no recompilation
+    for name in ("0000.png", "0003.png", "grid.png"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
+    other = tmp_path / "other"
+    seed_args = [a if a != str(out) else str(other) for a in args]
+    seed_args[seed_args.index("--seed") + 1] = "6"
+    assert generate.main(seed_args) == 0
+    assert (other / "0000.png").read_bytes() != (out / "0000.png").read_bytes()
+
+
+def test_inpainting_keeps_the_known_region(golden, checkpoints, tmp_path):
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "image.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :24] = 255  # keep the left 24 columns
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    args = cli(golden, checkpoints, out, "--prompt", "a red cube", "--steps", "3", "--upsample-steps", "3",
+               "--inpaint-image", str(tmp_path / "image.png"), "--inpaint-mask", str(tmp_path / "mask.png"))
+    assert generate.main(args) == 0
+    image = read(out / "0000.png").astype(int)
+    # Both stages force the known region into every x_0 prediction and the last ancestral step
+    # returns that x_0, so kept pixels come back exactly (to PNG rounding) through the cascade.
+    assert np.abs(image[:, :24] - source[:, :24]).max() <= 1
+    assert np.abs(image[:, 24:] - source[:, 24:]).mean() > 20
+
+
+def test_clip_guidance_runs_as_a_subprocess(golden, checkpoints, tmp_path):
+    out = tmp_path / "out"
+    args = cli(golden, checkpoints, out, "--prompt", "a red cube", "--guidance", "clip", "--sampler", "ddim",
+               "--steps", "2", "--no-upsample", "--clip-guidance-scale", "2")
+    result = subprocess.run([sys.executable, "-m", "sample.generate", *args], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "clip guidance" in result.stdout and "steps/s" in result.stdout
+    assert read(out / "0000.png").shape == (64, 64, 3) and (out / "grid.png").is_file()
+
+
+# -- bad input: one line on stderr, exit code 2, no traceback --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(root / "image.png")
+    Image.new("L", (64, 64), 255).save(root / "mask.png")
+    Image.new("L", (32, 32), 255).save(root / "small_mask.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root
+
+
+BAD_INPUTS = [
+    (["--inpaint-image", "{d}/image.png"], "--inpaint-image needs --inpaint-mask"),
+    (["--inpaint-mask", "{d}/mask.png"], "--inpaint-mask needs --inpaint-image"),
+    (["--inpaint-image", "{d}/image.png", "--inpaint-mask", "{d}/small_mask.png"], "must be the same size"),
+    (["--inpaint-image", "{d}/missing.png", "--inpaint-mask", "{d}/mask.png"], "missing.png: no such file"),
+    (["--inpaint-image", "{d}/broken.png", "--inpaint-mask", "{d}/mask.png"], "cannot read it as an image"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
+    (["--clip-guidance-scale", "inf"], "--clip-guidance-scale must be a finite number >= 0"),
+    (["--steps", "0"], "--steps must be at least 2"),
+    (["--steps", "5000"], "cannot keep 5000"),
+    (["--steps", "ten"], "invalid int value"),
+    (["--respacing", "fast28"], "timestep respacing 'fast28' is not understood"),
+    (["--upsample-steps", "ddimx"], "--upsample-steps"),
+    (["--upsample-temp", "0"], "--upsample-temp must be a finite number > 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "10", "--respacing", "10"], "not allowed with argument"),
+    (["--sampler", "plms"], "invalid choice"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(golden, checkpoints, inputs, tmp_path, capsys, extra, message):
+    extra = [e.format(d=inputs) for e in extra]
+    out = tmp_path / "out"
+    code = generate.main(cli(golden, checkpoints, out, "--prompt", "a cube", *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_missing_prompt_and_missing_weights(golden, tmp_path, capsys):
+    assert generate.main(["--out", str(tmp_path / "a")]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = generate.main(["--prompt", "x", "--checkpoint-dir", str(empty), "--vocab-dir", str(golden / "vocab"),
+                          "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no 'base' weights" in err, err
