@@ -340,7 +340,7 @@ def _inpaint_inputs(config: ModelConfig, inpaint_image, inpaint_mask, batch: dic
     batch["inpaint_mask"] = mask.astype(np.float32)
 
 
-def _noise_inputs(config: ModelConfig, diffusion: GaussianDiffusion, noise, step_noise, sampler, batch):
+def _noise_inputs(config: ModelConfig, diffusion: GaussianDiffusion, noise, step_noise, batch):
     size = config.image_size
     if noise is not None:
         noise = _host(noise, "noise")
@@ -391,7 +391,7 @@ def sample_base(config: ModelConfig, params, tokens, mask, key, *, diffusion: Ga
     batch: dict = {}
     _text_inputs(config, tokens, mask, batch)
     _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, sampler, batch)
+    _noise_inputs(config, diffusion, noise, step_noise, batch)
     if not batch:
         raise PipelineError("nothing gives the batch size: pass tokens (or noise for a text-free model)")
     scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta))}
@@ -428,7 +428,7 @@ def sample_upsample(config: ModelConfig, params, low_res, tokens, mask, key, *, 
     batch: dict = {"low_res": low}
     _text_inputs(config, tokens, mask, batch)
     _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, sampler, batch)
+    _noise_inputs(config, diffusion, noise, step_noise, batch)
     scalars = {"temp": np.float32(temp), "eta": np.float32(_check_scalar("eta", eta))}
     spec = _Spec(config, dtype, diffusion, sampler, "none", stochastic_ddim=float(eta) != 0,
                  super_res=True, inpaint=config.inpaint)
@@ -465,7 +465,7 @@ def sample_clip_guided(config: ModelConfig, params, tokens, mask, clip_config: c
         raise PipelineError(f"clip_text_len must lie in [2, {clip_config.max_text_len}]")
     batch["clip_tokens"], batch["clip_text_len"] = ctokens.astype(np.int32), clen.astype(np.int32)
     _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, sampler, batch)
+    _noise_inputs(config, diffusion, noise, step_noise, batch)
     scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta)),
                "clip_guidance_scale": np.float32(_check_scalar("clip_guidance_scale", clip_guidance_scale))}
     spec = _Spec(config, dtype, diffusion, sampler, "clip", stochastic_ddim=float(eta) != 0,

@@ -186,6 +186,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         one=pipeline.sample_base(config, params, tokens, mask, key, mesh=one, **run),
         # Example 1 alone (padded to 8 rows on the 8-device mesh) keeps its index, hence its image.
         alone=pipeline.sample_base(config, params, tokens[1:2], mask[1:2], key, mesh=eight, first_index=1, **run),
+        bf16=pipeline.sample_base(config, params, tokens, mask, key, mesh=eight, dtype="bfloat16", **run),
     )
     np.savez(sys.argv[2], **out)
 """)
@@ -202,6 +203,9 @@ def test_eight_devices_give_the_one_device_images(tmp_path):
     assert eight.shape == (3, 16, 16, 3) and np.isfinite(eight).all()
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
     np.testing.assert_allclose(alone[0], eight[1], atol=1e-5, rtol=0)
+    # bfloat16 compute changes the activations, not the sampler: same images to bf16 precision.
+    bf16_error = np.abs(images["bf16"] - eight)
+    assert np.isfinite(images["bf16"]).all() and 0 < bf16_error.mean() < 0.05, bf16_error.mean()
     # Different examples (different keys and prompts) are different images.
     assert np.abs(eight[0] - eight[1]).max() > 0.1 and np.abs(eight[1] - eight[2]).max() > 0.1
 
