@@ -15,10 +15,12 @@ Model kinds (`TrainTask.kind`):
 - `upsample_inpaint`: both of the above.
 - `clip`: the noised CLIP, trained with the contrastive loss on images noised to random timesteps.
 
-The per-example randomness (timesteps, noise, caption dropout, dropout) comes from
-`fold_in(state.rng, step)`, split per microbatch, and JAX's partitionable threefry makes each
-draw independent of how the batch is sharded: the same global batch gives the same update on 1 or
-on 8 devices.
+Randomness comes from `fold_in(state.rng, step)`. The diffusion kinds draw each example's
+timestep, noise and caption dropout from that key and the example's row in the global batch, so
+gradient accumulation sees the same draws as one big batch (exactly the same update when the
+model has no dropout; dropout masks are drawn per microbatch). JAX's partitionable threefry makes
+every draw independent of how the batch is sharded: the same global batch gives the same update
+on 1 or on 8 devices.
 """
 
 from __future__ import annotations
@@ -184,19 +186,27 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
             spec["inpaint_mask"] = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
         return spec
 
-    def loss(params, batch, key, train=True):
+    def loss(params, batch, key, train=True, rows=None):
         x0 = batch["images"]
         n = x0.shape[0]
-        k_t, k_noise, k_caption, k_dropout = jax.random.split(key, 4)
-        t = jax.random.randint(k_t, (n,), 0, num_timesteps)  # uniform timesteps
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        rows = jnp.arange(n) if rows is None else rows
+        # Timestep, noise and caption dropout are drawn per example from (key, row in the global
+        # batch), so splitting the batch into microbatches does not change them.
+        k_examples, k_dropout = jax.random.split(key)
+        example_keys = jax.vmap(jax.random.fold_in, (None, 0))(k_examples, rows)
+        draws = jax.vmap(lambda k: (jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_timesteps),
+                                    jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32),
+                                    jax.random.bernoulli(jax.random.fold_in(k, 2), caption_dropout)))
+        t, noise, drop = draws(example_keys)   # uniform timesteps [B], noise [B, H, W, 3], [B]
+        # Dropout draws for the whole (micro)batch at once; distinct per microbatch.
+        k_dropout = jax.random.fold_in(k_dropout, rows[0])
         x_t = diffusion.q_sample(x0, t, noise)
         kwargs = {}
         tokens = mask = None
         if config.has_text:
             tokens, mask = batch["tokens"], batch["mask"]
             if train and caption_dropout > 0:
-                drop = jax.random.bernoulli(k_caption, caption_dropout, (n, 1))
+                drop = drop[:, None]
                 tokens = jnp.where(drop, jnp.asarray(empty_tokens)[None], tokens)
                 mask = jnp.where(drop, jnp.asarray(empty_mask)[None], mask)
         if wants_super_res:
@@ -231,7 +241,7 @@ def clip_task(clip_config, *, compute_dtype: str = "float32") -> TrainTask:
                 "clip_tokens": jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32),
                 "clip_text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
-    def loss(params, batch, key, train=True):
+    def loss(params, batch, key, train=True, rows=None):
         value = clip_lib.clip_contrastive_loss(params, clip_config, key, batch["images"], batch["clip_tokens"],
                                                batch["clip_text_len"], dtype=compute_dtype)
         return value, {"loss": value}
@@ -312,26 +322,26 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, me
         def split(x):
             x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
             return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), micro_sharding)
-        return jax.tree.map(split, batch)
+        rows = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        return jax.tree.map(split, batch), split(rows)
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(_key(state.rng), state.step)
         if grad_accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, key, True)
+            (_, metrics), grads = grad_fn(state.params, batch, key, True, None)
         else:
             def body(carry, inputs):
                 grads_sum, metrics_sum = carry
-                index, micro = inputs
-                (_, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(key, index), True)
+                micro, rows = inputs
+                (_, metrics), grads = grad_fn(state.params, micro, key, True, rows)
                 return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            micro_batches = split_microbatches(batch)
+            micro_batches, micro_rows = split_microbatches(batch)
             first_metrics = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro_batches),
-                                                           key, True)[0][1])
+                                                           key, True, micro_rows[0])[0][1])
             metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_metrics)
-            (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros),
-                                               (jnp.arange(grad_accum), micro_batches))
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro_batches, micro_rows))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
         grad_norm = optax.global_norm(grads)

@@ -165,6 +165,21 @@ for name, mesh in [("one", parallel.make_mesh(devices=jax.devices()[:1])), ("eig
         out["eval_before"] = before
         out["eval_after"] = float(evaluate(state.params, global_batch, key)["loss"])
 
+# Gradient accumulation: 2 microbatches of 4 rows on 4 devices give the one-batch update (no
+# dropout in the model: its masks are the only draws made per microbatch).
+still = training.diffusion_task(ModelConfig.from_dict(dict(json.loads({model!r}), dropout=0.0)), diffusion,
+                                "base", caption_dropout=0.2, empty_tokens=np.ones(8, np.int32),
+                                empty_mask=np.zeros(8, bool))
+mesh4 = parallel.make_mesh(devices=jax.devices()[:4])
+accumulated = {{}}
+for accum in (1, 2):
+    shardings = training.state_shardings(still, optimizer, mesh4)
+    state = training.create_train_state(still, optimizer, jax.random.key(7), mesh4)
+    step = training.make_train_step(still, optimizer, mesh4, shardings, ema_rate=0.5, grad_accum=accum)
+    for _ in range(2):
+        state, metrics = step(state, parallel.shard_batch(batch, mesh4))
+    accumulated[accum] = (parallel.to_host(state.params), float(metrics["loss"]))
+
 def max_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -173,12 +188,14 @@ for name in ("eight", "fsdp"):
     out[name + "_ema_diff"] = max_diff(finals["one"].ema_params, finals[name].ema_params)
     out[name + "_opt_diff"] = max_diff(finals["one"].opt_state, finals[name].opt_state)
     out[name + "_step"] = int(finals[name].step)
+out["accum_params_diff"] = max_diff(accumulated[1][0], accumulated[2][0])
+out["accum_losses"] = [accumulated[1][1], accumulated[2][1]]
 out["param_scale"] = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(finals["one"].params))
 print(json.dumps(out))
 """
 
 
-def test_same_update_on_one_eight_and_fsdp_devices_and_loss_goes_down(env):
+def test_same_update_on_one_eight_and_fsdp_devices_with_accumulation_and_loss_goes_down(env):
     script = DEVICES_SCRIPT.format(model=json.dumps(TINY_MODEL), steps=3)
     child_env = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", script], env=child_env, capture_output=True, text=True,
@@ -196,8 +213,9 @@ def test_same_update_on_one_eight_and_fsdp_devices_and_loss_goes_down(env):
         assert out[name + "_params_diff"] < 2e-5, out
         assert out[name + "_ema_diff"] < 2e-5, out
         assert out[name + "_opt_diff"] < 1e-4, out
-    print(out)
     assert out["eval_after"] < 0.8 * out["eval_before"], out
+    assert out["accum_params_diff"] < 2e-5, out
+    assert abs(out["accum_losses"][0] - out["accum_losses"][1]) < 1e-5, out
 
 
 # -- the training CLI ------------------------------------------------------------------------------
