@@ -234,6 +234,8 @@ def unpad(tree: Any, n: int) -> Any:
 def to_host(tree: Any) -> Any:
     """Global arrays → numpy on every process (gathers shards that live on other processes)."""
     def get(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))   # every process already has all of it
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             from jax.experimental import multihost_utils
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
