@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Dtype, LayerNorm32, multihead_attention
+from .layers import Dtype, LayerNorm32, dense, multihead_attention
 
 
 class SelfAttention(nn.Module):
@@ -20,11 +20,11 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         head_ch = self.width // self.heads
         # The fused projection is laid out [head][q|k|v][channel], as the reference's weights are.
-        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_qkv")(x)
+        qkv = dense(3 * self.width, self.dtype, "c_qkv")(x)
         qkv = qkv.reshape(batch, length, self.heads, 3, head_ch)
         out = multihead_attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :])
         out = out.reshape(batch, length, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(out)
+        return dense(self.width, self.dtype, "c_proj")(out)
 
 
 class MLP(nn.Module):
@@ -33,9 +33,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
+        h = dense(4 * self.width, self.dtype, "c_fc")(x)
         h = nn.gelu(h, approximate=False)  # torch.nn.GELU's default is the exact erf form
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(h)
+        return dense(self.width, self.dtype, "c_proj")(h)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -90,6 +90,5 @@ class TextEncoder(nn.Module):
             x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=f"resblocks_{i}")(x)
         if self.final_ln:
             x = LayerNorm32(name="final_ln")(x)
-        xf_proj = nn.Dense(self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                           name="transformer_proj")(x[:, -1])
+        xf_proj = dense(self.proj_dim, self.dtype, "transformer_proj")(x[:, -1])
         return {"xf_proj": xf_proj, "xf_out": x}

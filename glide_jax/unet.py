@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from .config import ConfigError, ModelConfig
-from .layers import (Dtype, GroupNorm32, avg_pool_2x2, conv3x3, multihead_attention, resize_bilinear,
+from .layers import (Dtype, GroupNorm32, avg_pool_2x2, conv, dense, multihead_attention, resize_bilinear,
                      timestep_embedding, upsample_nearest)
 from .text_encoder import TextEncoder
 
@@ -41,10 +41,10 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
             h, x = avg_pool_2x2(h), avg_pool_2x2(x)
-        h = conv3x3(self.out_channels, self.dtype, "in_conv")(h)
+        h = conv(self.out_channels, 3, self.dtype, "in_conv")(h)
 
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = nn.Dense(emb_width, dtype=self.dtype, param_dtype=jnp.float32, name="emb_proj")(nn.silu(emb))
+        emb_out = dense(emb_width, self.dtype, "emb_proj")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -53,11 +53,10 @@ class ResBlock(nn.Module):
         else:
             h = GroupNorm32(swish=True, name="out_norm")(h + emb_out)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = conv3x3(self.out_channels, self.dtype, "out_conv")(h)
+        h = conv(self.out_channels, 3, self.dtype, "out_conv", zero_init=True)(h)
 
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                        name="skip_connection")(x)
+            x = conv(self.out_channels, 1, self.dtype, "skip_connection")(x)
         assert x.shape == h.shape, (x.shape, h.shape)
         return x + h
 
@@ -75,17 +74,17 @@ class AttentionBlock(nn.Module):
         head_ch = channels // self.heads
         h = GroupNorm32(name="norm")(x).reshape(batch, height * width, channels)
         # Fused projections are laid out [head][q|k|v][channel], matching the reference's weights.
-        qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+        qkv = dense(3 * channels, self.dtype, "qkv")(h)
         qkv = qkv.reshape(batch, height * width, self.heads, 3, head_ch)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         if xf_out is not None:
-            ekv = nn.Dense(2 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="encoder_kv")(
+            ekv = dense(2 * channels, self.dtype, "encoder_kv")(
                 xf_out.astype(self.dtype))
             ekv = ekv.reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
             k = jnp.concatenate([ekv[..., 0, :], k], axis=1)
             v = jnp.concatenate([ekv[..., 1, :], v], axis=1)
         out = multihead_attention(q, k, v).reshape(batch, height * width, channels)
-        out = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(out)
+        out = dense(channels, self.dtype, "proj_out", zero_init=True)(out)
         return x + out.reshape(x.shape)
 
 
@@ -97,7 +96,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return conv3x3(self.channels, self.dtype, "op", stride=2)(x)
+        return conv(self.channels, 3, self.dtype, "op", stride=2)(x)
 
 
 class Upsample(nn.Module):
@@ -108,7 +107,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return conv3x3(self.channels, self.dtype, "conv")(upsample_nearest(x))
+        return conv(self.channels, 3, self.dtype, "conv")(upsample_nearest(x))
 
 
 def _attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -143,14 +142,13 @@ class UNet(nn.Module):
             return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, name=name)
 
         emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
-        emb = nn.Dense(cfg.time_embed_dim, dtype=self.dtype, param_dtype=jnp.float32, name="time_embed_0")(emb)
-        emb = nn.Dense(cfg.time_embed_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                       name="time_embed_2")(nn.silu(emb))
+        emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_0")(emb)
+        emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_2")(nn.silu(emb))
         if xf_proj is not None:
             emb = emb + xf_proj.astype(emb.dtype)
 
         ch = cfg.channel_multipliers[0] * model_ch
-        h = conv3x3(ch, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
+        h = conv(ch, 3, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
         skips, skip_channels = [h], [ch]
         rate, block = 1, 1
         levels = len(cfg.channel_multipliers)
@@ -202,7 +200,7 @@ class UNet(nn.Module):
 
         # The output head runs in float32 even under reduced precision, as the reference keeps it.
         h = GroupNorm32(swish=True, name="out_norm")(h.astype(jnp.float32))
-        return conv3x3(cfg.out_channels, jnp.float32, "out_conv")(h)  # [B, H, W, 6]
+        return conv(cfg.out_channels, 3, jnp.float32, "out_conv", zero_init=True)(h)  # [B, H, W, 6]
 
 
 class GlideUNet(nn.Module):

@@ -146,15 +146,31 @@ def _torch_layout_state_dict(params):
     return state_dict
 
 
+def randomized(params, seed=0):
+    """Every parameter random and non-zero (fresh models zero their residual outputs), as the golden
+    files do, so every path of the network contributes to the output."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda leaf: (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32), params)
+
+
+def test_fresh_model_starts_with_zero_residual_branches_and_output():
+    """As in the reference: a newly initialised model predicts zeros and its blocks are identities."""
+    config = ModelConfig.from_dict(VARIANTS["no_text_superres_inpaint"])
+    params = init_params(config, jax.random.key(0))
+    out = jax.jit(GlideUNet(config).apply)({"params": params}, **example_inputs(config))
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    assert float(jnp.abs(params["unet"]["input_blocks_1_0"]["in_conv"]["kernel"]).max()) > 0
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_builds_runs_and_round_trips(name):
     from glide_jax.convert import convert_state_dict
 
     config = ModelConfig.from_dict(VARIANTS[name])
-    params = init_params(config, jax.random.key(1))
+    params = randomized(param_shapes(config), seed=1)
     inputs = example_inputs(config, batch=2)
     inputs["x"] = jax.random.normal(jax.random.key(2), inputs["x"].shape)
-    out = GlideUNet(config).apply({"params": params}, **inputs)
+    out = jax.jit(GlideUNet(config).apply)({"params": params}, **inputs)
     assert out.shape == inputs["x"].shape[:3] + (6,)
     assert np.isfinite(np.asarray(out)).all()
     # float16 storage as in the released files: values are rounded, then upcast to float32.
@@ -167,14 +183,12 @@ def test_variant_builds_runs_and_round_trips(name):
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     config = ModelConfig.from_dict(VARIANTS["heads_and_plain_resblocks"])
-    params = init_params(config, jax.random.key(3))
-    # Non-zero weights everywhere so every path contributes (init zeroes nothing here, but be explicit).
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape), params)
+    params = randomized(param_shapes(config), seed=3)
     inputs = example_inputs(config, batch=2)
     inputs["x"] = jax.random.normal(jax.random.key(5), inputs["x"].shape)
     inputs["tokens"] = jnp.arange(16).reshape(2, 8) % 300
-    full = GlideUNet(config).apply({"params": params}, **inputs)
-    half = GlideUNet(config, dtype=jnp.bfloat16).apply({"params": params}, **inputs)
+    full = jax.jit(GlideUNet(config).apply)({"params": params}, **inputs)
+    half = jax.jit(GlideUNet(config, dtype=jnp.bfloat16).apply)({"params": params}, **inputs)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
     assert half.dtype == jnp.float32  # the output head runs in float32
     rel = float(jnp.linalg.norm(half - full) / jnp.linalg.norm(full))
@@ -183,13 +197,12 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 
 def test_dropout_is_active_only_when_not_deterministic():
     config = ModelConfig.from_dict(dict(VARIANTS["no_text_superres_inpaint"], dropout=0.5))
-    params = init_params(config, jax.random.key(0))
-    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # out_conv starts non-zero
+    params = randomized(param_shapes(config))
     inputs = example_inputs(config, batch=1)
-    model = GlideUNet(config)
-    a = model.apply({"params": params}, **inputs)
-    b = model.apply({"params": params}, **inputs)
-    c = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    apply = jax.jit(GlideUNet(config).apply, static_argnames="deterministic")
+    a = apply({"params": params}, **inputs)
+    b = apply({"params": params}, **inputs)
+    c = apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
 
@@ -218,15 +231,15 @@ def test_resize_bilinear_follows_torch_rule(size_in, size_out):
 
 def test_missing_text_or_low_res_is_a_clear_error():
     config = ModelConfig.from_dict(VARIANTS["odd_size_superres"])
-    params = init_params(config, jax.random.key(0))
+    model = GlideUNet(config)
     inputs = example_inputs(config)
     del inputs["low_res"]
     with pytest.raises(ValueError, match="low_res is required"):
-        GlideUNet(config).apply({"params": params}, **inputs)
+        jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
     bad = example_inputs(config)
     bad["tokens"] = jnp.zeros((1, 5), jnp.int32)
     with pytest.raises(ValueError, match=r"text_ctx=6"):
-        GlideUNet(config).apply({"params": params}, **bad)
+        jax.eval_shape(lambda: model.init(jax.random.key(0), **bad))
 
 
 def test_config_errors_name_the_key(tmp_path):
