@@ -415,3 +415,25 @@ def test_wrong_model_kind_for_the_model_config_is_refused():
     with pytest.raises(ConfigError, match="model_kind 'upsample' needs model.super_res=True"):
         training.diffusion_task(ModelConfig.from_dict(TINY_MODEL), GaussianDiffusion.create("linear", 100),
                                 "upsample", empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))
+
+
+def test_bfloat16_compute_keeps_float32_master_params():
+    import jax
+
+    from glide_jax import training
+    from glide_jax.config import ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    model = ModelConfig.from_dict(TINY_MODEL)
+    counts = {}
+    for dtype in ("float32", "bfloat16"):
+        task = training.diffusion_task(model, GaussianDiffusion.create("linear", 100), "base", compute_dtype=dtype,
+                                       empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))
+        state = training.abstract_state(task, training.make_optimizer(training.OptimizerConfig()))
+        assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+        jaxpr = str(jax.make_jaxpr(lambda p, b: task.loss(p, b, jax.random.key(0)))(state.params, task.batch_spec(2)))
+        products = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line or "dot_general" in line]
+        counts[dtype] = (len(products), sum("bf16" in line for line in products))
+    assert counts["float32"][1] == 0
+    # All but the float32 output head run in bfloat16.
+    assert counts["bfloat16"][1] >= counts["bfloat16"][0] - 2 > 0, counts
