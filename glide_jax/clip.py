@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
-from glide_jax.config import ConfigError
+from glide_jax.config import ConfigError, read_json_object
 from glide_jax.layers import LayerNorm32
 
 Dtype = Any
@@ -117,16 +116,7 @@ class ClipConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ClipConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"CLIP config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of CLIP options")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json_object(path, "CLIP config"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

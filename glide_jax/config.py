@@ -25,6 +25,20 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent; the message names the key."""
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object (`what` names it in errors, e.g. "model config")."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of {what} options, got {type(values).__name__}")
+    return values
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     image_size: int = 64
@@ -164,16 +178,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"model config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of model options")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json_object(path, "model config"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
