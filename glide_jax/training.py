@@ -278,7 +278,8 @@ def create_train_state(task: TrainTask, optimizer, key: jax.Array, mesh, *, para
         return build(key_init, key_train)
     expected = abstract_state(task, optimizer).params
     check_params_match(expected, params)
-    params = parallel.place(params, shardings.params)
+    if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(params)):
+        params = parallel.place(params, shardings.params)
     build = jax.jit(lambda p, k: _fresh_state(p, optimizer, k), out_shardings=shardings)
     return build(params, key_train)
 

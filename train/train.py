@@ -91,7 +91,7 @@ class Trainer:
                               f"the {devices} devices")
         self.local_batch = parallel.local_batch_size(self.global_batch, self.mesh)
 
-        self.model_config, init_params = self._model_and_init_params()
+        self.model_config = self._model_config()
         self.tokenizer = self._tokenizer()
         self.task = self._task()
         self.lr_schedule = training.learning_rate_schedule(cfg.optimizer)
@@ -109,8 +109,10 @@ class Trainer:
         if self.last_checkpoint_step is not None:
             self.state, data_states = self._restore(self.last_checkpoint_step)
         else:
-            if init_params is not None:
+            init_params = None
+            if cfg.init_from:
                 log.info("fine-tuning from %s", cfg.init_from)
+                init_params = self._init_params()
             self.state = training.create_train_state(
                 self.task, self.optimizer, jax.random.key(cfg.seed), self.mesh, params=init_params,
                 fsdp_min_size=cfg.mesh.fsdp_min_size)
@@ -126,27 +128,37 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def _model_and_init_params(self):
-        from glide_jax.config import ConfigError, ModelConfig
+    def _model_config(self):
+        """The model's config: inline, from a file, or (fine-tuning without one) the checkpoint's."""
+        from glide_jax.config import ModelConfig
         from train.run_config import load_json
 
         cfg = self.cfg
         options = cfg.model
         if isinstance(options, str):
             options = load_json(options, "model")
-        init_params = None
-        if cfg.init_from:
+        if options is None:
             from glide_jax import checkpoint
-            try:
-                saved_config, init_params = checkpoint.load_model(cfg.init_from)
-            except (FileNotFoundError, checkpoint.CheckpointError) as err:
-                raise ConfigError(f"init_from: {err}") from None
-            if options is None:
-                options = saved_config
+            options = load_json(Path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
         if cfg.model_kind == "clip":
             from glide_jax.clip import ClipConfig
-            return ClipConfig.from_dict(options, source="model"), init_params
-        return ModelConfig.from_dict(options, source="model"), init_params
+            return ClipConfig.from_dict(options, source="model")
+        return ModelConfig.from_dict(options, source="model")
+
+    def _init_params(self):
+        """The `init_from` checkpoint's params, read straight into this run's sharding as float32
+        (each process reads only its shards: no host copy of a 3.5B model)."""
+        from glide_jax import checkpoint, parallel
+        from glide_jax.config import ConfigError
+
+        cfg = self.cfg
+        # The tree is checked against the model's by create_train_state, naming any mismatch.
+        try:
+            return checkpoint.restore_params(
+                cfg.init_from, lambda name, shape, dtype: parallel.param_sharding(shape, self.mesh, cfg.mesh.fsdp_min_size),
+                dtype=np.float32)
+        except (FileNotFoundError, checkpoint.CheckpointError) as err:
+            raise ConfigError(f"init_from: {err}") from None
 
     def _tokenizer(self):
         from glide_jax import tokenizers
