@@ -17,7 +17,7 @@ GLIDE_VOCAB_SIZE = 50257
 
 # Keys that appear in the reference's `*.config.json` / `model_and_diffusion_defaults()` but do
 # not change the network: they are accepted and kept for round-tripping, never silently dropped.
-_PASSTHROUGH_KEYS = ("kind", "use_fp16", "cache_text_emb", "diffusion_steps", "noise_schedule",
+NON_ARCHITECTURE_KEYS = ("kind", "use_fp16", "cache_text_emb", "diffusion_steps", "noise_schedule",
                      "timestep_respacing")
 
 
@@ -61,7 +61,7 @@ class ModelConfig:
     inpaint: bool = False
     super_res: bool = False
     n_vocab: int = GLIDE_VOCAB_SIZE
-    # Reference keys with no effect on the network (see _PASSTHROUGH_KEYS).
+    # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
     cache_text_emb: bool = False

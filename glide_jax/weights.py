@@ -43,7 +43,7 @@ import numpy as np
 
 from . import download
 from .clip import ClipConfig, ClipConversionError, load_clip_checkpoints
-from .config import _PASSTHROUGH_KEYS, ConfigError, ModelConfig
+from .config import NON_ARCHITECTURE_KEYS, ConfigError, ModelConfig
 from .convert import ConversionError, convert_state_dict
 from .pt_reader import PtFormatError, load_state_dict
 
@@ -146,7 +146,7 @@ def _same_network(a: AnyConfig, b: AnyConfig) -> bool:
     editing one of them in configs/ does not throw away (and re-download) a converted copy."""
     if type(a) is not type(b):
         return False
-    ignored = _PASSTHROUGH_KEYS if isinstance(a, ModelConfig) else ()
+    ignored = NON_ARCHITECTURE_KEYS if isinstance(a, ModelConfig) else ()
     drop = lambda c: {k: v for k, v in c.to_dict().items() if k not in ignored}  # noqa: E731
     return drop(a) == drop(b)
 
