@@ -46,10 +46,7 @@ def trace(golden, name):
     return {k: data[k] for k in data.files}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "diffusion", "sampler", "guided"))
-def run_sampler(params, tokens, mask, noise, step_noise, extra, guidance_scale, *, config, diffusion,
-                sampler, guided):
-    """The whole sampling run as one program, params and inputs as arguments."""
+def guided_model_fn(params, tokens, mask, extra, guidance_scale, config, guided):
     model = GlideUNet(config)
     variables = {"params": params}
     text = model.apply(variables, tokens, mask, method=GlideUNet.encode_text)
@@ -59,39 +56,78 @@ def run_sampler(params, tokens, mask, noise, step_noise, extra, guidance_scale, 
                            low_res=extra.get("low_res"), inpaint_image=extra.get("inpaint_image"),
                            inpaint_mask=extra.get("inpaint_mask"))
 
-    if guided:
-        model_fn = classifier_free_guidance(model_fn, guidance_scale)
-    denoised_fn = None
+    return classifier_free_guidance(model_fn, guidance_scale) if guided else model_fn
+
+
+def denoised_fn_of(extra):
     if "inpaint_image" in extra:
-        denoised_fn = inpaint_denoised_fn(extra["inpaint_image"], extra["inpaint_mask"])
-    cond_fn = extra.get("cond_fn")
+        return inpaint_denoised_fn(extra["inpaint_image"], extra["inpaint_mask"])
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "diffusion", "sampler", "guided"))
+def run_sampler(params, tokens, mask, noise, step_noise, extra, guidance_scale, *, config, diffusion,
+                sampler, guided):
+    """The whole sampling run as one program, params and inputs as arguments."""
+    model_fn = guided_model_fn(params, tokens, mask, extra, guidance_scale, config, guided)
     sample = ddim_sample if sampler == "ddim" else ddpm_sample
     kwargs = {} if sampler == "ddim" else {"step_noise": step_noise}
     return sample(model_fn, diffusion, noise.shape, jax.random.key(0), noise=noise, clip_denoised=True,
-                  denoised_fn=denoised_fn, cond_fn=cond_fn, return_trajectory=True, **kwargs)
+                  denoised_fn=denoised_fn_of(extra), cond_fn=extra.get("cond_fn"), return_trajectory=True,
+                  **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "diffusion", "guided"))
+def first_unclipped_xstart(params, tokens, mask, noise, extra, guidance_scale, *, config, diffusion, guided):
+    """Our x_0 prediction at the first step before clipping, and where it depends on eps at all
+    (everywhere, except the known region that inpainting overwrites)."""
+    model_fn = guided_model_fn(params, tokens, mask, extra, guidance_scale, config, guided)
+    t = diffusion.num_timesteps - 1
+    timesteps = jnp.full(noise.shape[:1], diffusion.original_timesteps(t), jnp.int32)
+    out = diffusion.p_mean_variance(model_fn(noise, timesteps), noise, t, clip_denoised=False)
+    depends_on_eps = jnp.ones_like(noise, bool)
+    if "inpaint_mask" in extra:
+        depends_on_eps = jnp.broadcast_to(extra["inpaint_mask"] == 0, noise.shape)
+    return out.pred_xstart, depends_on_eps
+
+
+# The golden README's float32 bound on model outputs.
+MODEL_ATOL = 1e-4
 
 
 def check(ref, runner, diffusion):
-    """Compare a free-running run with the reference, re-synchronising after the first step if needed.
+    """Every step within ATOL of the reference, except where the first step provably amplifies
+    float32 noise.
 
-    The first step of a cosine-schedule trace (t = 999) predicts x_0 = 20291·x_t − 20291·eps: a
-    pixel whose prediction lands near the ±1 clip turns a 1e-6 float32 difference in eps (the
-    README's oneDNN-vs-reference spread) into ~1e-2 there, and later steps carry it along. Such a
-    pixel is allowed in the free-running run (at most 0.1% of elements per step beyond ATOL, none
-    at 1e-2), and every later step is then checked strictly from the reference's own first-step
-    output: the same respaced process without its first index has identical tables.
+    At the first step of a cosine trace (t = 999) x_0 = x_t/sqrt(abar) - sqrt(1/abar - 1)·eps with
+    sqrt(1/abar - 1) ~ 2e4. Where that prediction is clipped to ±1 the step does not depend on eps
+    at all; where it is not (a handful of pixels near the clip), the README's 1e-4 model tolerance
+    becomes up to ~2 in x_0 and ~0.3 in x_{t-1}, so no float32 implementation can promise 1e-3
+    there. So: step 0 must match at ATOL outside that analytically sensitive set, the set must be
+    tiny, and every later step is checked at ATOL from the reference's own step-0 output (the same
+    respaced process minus its first index has identical tables): the rest of the run is compared
+    strictly, step by step.
     """
     expected = jnp.asarray(np.moveaxis(ref["per_step"], 2, -1))
     step_noise = nhwc(ref["step_noise"]) if "step_noise" in ref else None
     x_T = nhwc(ref["noise_times_temp"] if "noise_times_temp" in ref else ref["noise"])
-    final, per_step = runner(x_T, step_noise, diffusion)
+    _, per_step = runner(x_T, step_noise, diffusion)
     assert per_step.shape == expected.shape
-    np.testing.assert_allclose(final, np.moveaxis(ref["final"], 1, -1), atol=1e-2, rtol=0)
-    err = np.abs(np.asarray(per_step - expected)).reshape(len(expected), -1)
-    if err.max() < ATOL:
-        return
-    assert err.max() < 1e-2, f"per-step max abs error {err.max(axis=1)}"
-    assert (err > ATOL).mean(axis=1).max() <= 1e-3, f"elements beyond {ATOL} per step: {(err > ATOL).sum(axis=1)}"
+
+    first_err = np.abs(np.asarray(per_step[0] - expected[0]))
+    t = diffusion.num_timesteps - 1
+    xstart_gain = float(np.sqrt(1.0 / diffusion.alphas_cumprod[t] - 1.0))
+    step_gain = float(max(abs(diffusion.posterior_mean_coef1[t]), np.sqrt(diffusion.alphas_cumprod_prev[t])))
+    xstart, depends_on_eps = (np.asarray(a) for a in runner.first_xstart(x_T, diffusion))
+    sensitive = depends_on_eps & (np.abs(xstart) < 1.0 + xstart_gain * MODEL_ATOL)
+    amplified = step_gain * xstart_gain * MODEL_ATOL
+    bound = ATOL + np.where(sensitive, amplified, 0.0)
+    assert (first_err < bound).all(), (
+        f"first step: max error {first_err.max()} (bound {ATOL} where x_0 is clipped, {ATOL + amplified} where"
+        f" it is not); {(first_err >= bound).sum()} elements beyond")
+    if amplified > ATOL:  # a loose bound may only cover the few pixels near the clip
+        assert sensitive.mean() <= 1e-3, f"{sensitive.sum()} elements of the first step are ill-conditioned"
+
     rest = GaussianDiffusion(betas=diffusion.betas[:-1], timestep_map=diffusion.timestep_map[:-1],
                              original_num_steps=diffusion.original_num_steps)
     _, resynced = runner(expected[0], None if step_noise is None else step_noise[1:], rest)
@@ -111,6 +147,11 @@ def runner_for(ref, config, params, extra, *, sampler, guided):
         return run_sampler(params, tokens, mask, x_T, step_noise, extra, scale, config=config,
                            diffusion=diffusion, sampler=sampler, guided=guided)
 
+    def first_xstart(x_T, diffusion):
+        return first_unclipped_xstart(params, tokens, mask, x_T, extra, scale, config=config,
+                                      diffusion=diffusion, guided=guided)
+
+    run.first_xstart = first_xstart
     return run
 
 
