@@ -53,9 +53,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         limit = srv.cuts.pop(0) if srv.cuts else len(body)
         for offset in range(0, limit, 1 << 20):
+            # Checked before each chunk goes out: the client cannot have the whole file yet, so
+            # nothing may sit under its final name. (After the last chunk it legitimately may.)
+            srv.watch(self.path)
             self.wfile.write(body[offset:min(offset + (1 << 20), limit)])
             self.wfile.flush()
-            srv.watch(self.path)  # mid-transfer: nothing may sit under its final name yet
         if limit < len(body):
             self.close_connection = True  # announced the full length, hang up early
 
