@@ -1,0 +1,125 @@
+"""The bundled demo models: the README's command offline, the model choice, and a smoke evaluation."""
+
+import json
+import shutil
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glide_jax.checkpoint import PARAMS_DIR
+from glide_jax.weights import WeightsError
+from sample import evaluate, generate
+
+from conftest import PROJECT_ROOT
+
+DEMO = PROJECT_ROOT / "demo"
+README_PROMPT = "a red circle on a white background"
+
+
+def test_bundle_is_complete_and_small():
+    total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert total < 40 * 2 ** 20, f"demo/ holds {total / 2 ** 20:.1f} MiB"
+    for name, directory in generate.DEMO_MODELS.items():
+        config = json.loads((DEMO / directory / "config.json").read_text())
+        assert (DEMO / directory / PARAMS_DIR).is_dir()
+        if name != "clip" and config["xf_width"]:
+            assert (DEMO / directory / generate.SENTENCEPIECE_FILE).is_file()
+    assert (DEMO / "REPRODUCE.md").is_file()
+
+
+def test_demo_weights_are_stored_half_and_loaded_float32():
+    source = generate.ModelSource("demo")
+    config, params = source.load("base")
+    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
+    assert all(x.dtype == np.float32 for x in leaves)
+    # float16 storage: every value is exactly representable in float16.
+    assert all(np.array_equal(x, x.astype(np.float16).astype(np.float32)) for x in leaves)
+    assert config.image_size == 32 and source.tokenizer("base").n_vocab <= config.n_vocab
+
+
+def test_readme_command_runs_offline_from_the_repo(tmp_path):
+    out = tmp_path / "samples"
+    env = dict(os.environ, GLIDE_JAX_OFFLINE="1", GLIDE_JAX_CACHE=str(tmp_path / "empty_cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "sample.generate", "--prompt", README_PROMPT, "--steps", "4",
+         "--upsample-steps", "3", "--out", str(out)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "demo" in result.stdout
+    image = np.asarray(Image.open(out / "0000.png"))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert (out / "grid.png").is_file()
+    assert not (tmp_path / "empty_cache").exists()   # nothing was downloaded or cached
+
+
+def test_model_choice_is_explicit_and_never_falls_back(tmp_path, capsys):
+    # A demo model that is missing is an error naming it, not a download of GLIDE's.
+    empty = generate.ModelSource("demo", demo_dir=tmp_path)
+    with pytest.raises(WeightsError, match="bundled demo model 'base' is missing.*--model glide"):
+        empty.load("base")
+    # The demo has no upsample-inpaint model; asking for it by name says so.
+    with pytest.raises(WeightsError, match="upsample-inpaint"):
+        generate.ModelSource("demo").load("upsample-inpaint")
+    # Options of the other model are rejected, not ignored.
+    code = generate.main(["--prompt", "x", "--model", "demo", "--checkpoint-dir", str(tmp_path)])
+    assert code == 2 and "--model glide" in capsys.readouterr().err
+    code = generate.main(["--prompt", "x", "--vocab-dir", str(tmp_path)])
+    assert code == 2 and "--vocab-dir applies to --model glide" in capsys.readouterr().err
+    # Released GLIDE weights offline with an empty cache: a clear error, not the demo models.
+    os.environ["GLIDE_JAX_OFFLINE"], old_cache = "1", os.environ.get("GLIDE_JAX_CACHE")
+    os.environ["GLIDE_JAX_CACHE"] = str(tmp_path / "cache")
+    try:
+        code = generate.main(["--prompt", "x", "--model", "glide", "--out", str(tmp_path / "o")])
+    finally:
+        del os.environ["GLIDE_JAX_OFFLINE"]
+        if old_cache is None:
+            del os.environ["GLIDE_JAX_CACHE"]
+        else:
+            os.environ["GLIDE_JAX_CACHE"] = old_cache
+    err = capsys.readouterr().err
+    assert code == 2 and "offline" in err.lower()
+    assert not (tmp_path / "o").exists()
+
+
+def test_defaults_follow_the_model():
+    args = generate._parse_args(["--prompt", "x"])
+    generate._resolve_model(args)
+    assert (args.model, args.sampler, args.respacing, args.upsample_steps) == (
+        "demo", generate.DEMO_SAMPLER, generate.DEMO_RESPACING, generate.DEMO_UPSAMPLE_RESPACING)
+    args = generate._parse_args(["--prompt", "x", "--checkpoint-dir", "somewhere"])
+    generate._resolve_model(args)
+    assert (args.model, args.sampler, args.respacing) == ("glide", "ddpm", generate.DEFAULT_RESPACING)
+
+
+def _smoke(guidance, scale):
+    """A smoke version of `python -m sample.evaluate` on the shipped weights: 8 prompts, 1 seed,
+    the CLI's default steps. Chance is 1/6 per shape colour (1/36 for two shapes) and 1/3 per
+    background."""
+    prompts = evaluate.make_prompts(8)
+    models = evaluate.DemoModels(generate.ModelSource("demo"))
+    images = evaluate.sample_condition(models, [p.caption for p in prompts], [0], respacing=generate.DEMO_RESPACING,
+                                       guidance=guidance, scale=scale)
+    return evaluate.summarise([evaluate.judge(p, image) for p, image in zip(prompts, images)])
+
+
+def test_bundled_base_model_follows_prompts_with_clip_guidance(golden, tmp_path, monkeypatch):
+    # The demo CLIP's BPE vocabulary comes from the cache (never bundled): seed the cache offline.
+    (tmp_path / "vocab").mkdir()
+    shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", tmp_path / "vocab")
+    monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
+    s = _smoke("clip", evaluate.DEFAULT_CLIP_SCALE)
+    assert s["colour"]["p"] >= 0.5 and s["background"]["p"] >= 0.5, s
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled demo base (1.5M params, 3,400 steps of 16 images on a "
+                                       "shared CPU) does not yet follow prompts under classifier-free guidance; "
+                                       "see demo/RESULTS.md. A better model makes this pass (and strict XPASS "
+                                       "fails), so drop the mark then.")
+def test_bundled_base_model_follows_prompts_at_guidance_3():
+    s = _smoke("cfg", 3.0)
+    assert s["colour"]["p"] >= 0.5 and s["background"]["p"] >= 0.6, s

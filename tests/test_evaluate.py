@@ -1,0 +1,98 @@
+"""The evaluation's statistics and scoring on inputs whose answers are known (no model needed)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from glide_jax import shapes
+from sample import evaluate
+
+
+def test_wilson_interval_known_values():
+    z2 = evaluate.Z95 ** 2
+    # 0 or n successes: one end is exact, the other is z^2 / (n + z^2) from it.
+    assert evaluate.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert evaluate.wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    # 5 of 10: the textbook interval, symmetric about 1/2.
+    lo, hi = evaluate.wilson_interval(5, 10)
+    assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 81 of 263 (Newcombe 1998's example of the Wilson interval: 0.2553 to 0.3662).
+    assert evaluate.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    # Narrower with more trials at the same proportion, and always inside [0, 1].
+    assert np.diff(evaluate.wilson_interval(50, 100)) < np.diff(evaluate.wilson_interval(5, 10))
+    assert evaluate.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("k,n", [(-1, 5), (6, 5), (1, -1)])
+def test_wilson_interval_rejects_impossible_counts(k, n):
+    with pytest.raises(ValueError, match="successes"):
+        evaluate.wilson_interval(k, n)
+
+
+def test_proportion_and_mean_interval():
+    p = evaluate.proportion([True, False, True, True])
+    assert (p["k"], p["n"], p["p"]) == (3, 4, 0.75)
+    assert (p["lo"], p["hi"]) == pytest.approx(evaluate.wilson_interval(3, 4))
+    m = evaluate.mean_interval([1.0, 3.0])
+    half = evaluate.Z95 * math.sqrt(2.0) / math.sqrt(2)
+    assert (m["mean"], m["lo"], m["hi"]) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+
+
+def test_psnr_and_ssim_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    b = a.astype(np.int16) + 1
+    b = np.where(a == 255, 254, b).astype(np.uint8)      # every pixel off by exactly one level
+    assert evaluate.psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2))
+    assert evaluate.psnr(a, a) == math.inf
+    assert evaluate.ssim(a, a) == pytest.approx(1.0)
+    # Structure destroyed (an independent noise image) scores far lower than a one-level offset.
+    noise = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert evaluate.ssim(a, noise) < 0.1 < 0.9 < evaluate.ssim(a, b)
+
+
+def test_judge_ground_truth_and_a_blank_image():
+    prompts = evaluate.make_prompts(24)
+    assert sum(p.heldout for p in prompts) == 6
+    assert any(len(p.scene.shapes) == 2 for p in prompts) and any(len(p.scene.shapes) == 1 for p in prompts)
+    for p in prompts:
+        j = evaluate.judge(p, p.scene.render(32))
+        assert all(v in (True, None) for v in j.values()), (p.caption, j)
+        assert (j["heldout"] is None) != p.heldout
+        assert (j["relation"] is None) == (len(p.scene.shapes) == 1)
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    j = evaluate.judge(prompts[0], blank)
+    assert not j["colour"] and not j["shape"] and not j["all"]
+
+
+def test_summarise_counts_only_applicable_checks():
+    judgements = [{"colour": True, "shape": False, "background": True, "relation": None, "heldout": None,
+                   "all": False},
+                  {"colour": True, "shape": True, "background": True, "relation": False, "heldout": True,
+                   "all": False}]
+    s = evaluate.summarise(judgements)
+    assert (s["colour"]["k"], s["colour"]["n"]) == (2, 2)
+    assert (s["relation"]["k"], s["relation"]["n"]) == (0, 1)
+    assert (s["heldout"]["k"], s["heldout"]["n"]) == (1, 1)
+
+
+def test_inpaint_cases_mask_out_the_replaced_object():
+    prompts, images, masks = evaluate.inpaint_cases(6)
+    assert images.shape == (6, 32, 32, 3) and masks.shape == (6, 32, 32, 1)
+    for prompt, image, mask in zip(prompts, images, masks):
+        target = prompt.scene
+        source = shapes.analyse(image)
+        keep = mask[..., 0] > 0
+        assert 0 < keep.mean() < 1
+        # The prompt asks for something else where the second object was...
+        spec = shapes.parse_caption(prompt.caption)
+        assert not shapes.score(spec, source)["all"]
+        # ...the kept half holds all of the first object and none of the second.
+        a, b = target.shapes
+        only_a = shapes.Scene(target.background, (a,)).render(32)
+        only_b = shapes.Scene(target.background, (b,)).render(32)
+        bg = np.asarray(shapes.COLOURS[target.background], np.uint8)
+        assert np.all(only_a[~keep] == bg) and np.all(only_b[keep] == bg)
+        # The ground truth of the prompt passes, so the check can be met.
+        assert evaluate.judge(prompt, target.render(32))["all"]
