@@ -25,11 +25,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from glide_jax import data, tokenizers
-    from glide_jax.config import ConfigError
-    from train.run_config import apply_overrides, load_json
+    from glide_jax.config import ConfigError, read_json_object
+    from train.run_config import apply_overrides
 
     try:
-        raw = apply_overrides(load_json(args.config, "run config"), args.overrides)
+        raw = apply_overrides(read_json_object(args.config, "run config"), args.overrides)
         out = args.out or raw.get("tokenizer", {}).get("path")
         if not out:
             raise ConfigError("tokenizer.path is not set; pass --out")

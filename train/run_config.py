@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from glide_jax.config import ConfigError
+from glide_jax.config import ConfigError, read_json_object
 from glide_jax.training import MODEL_KINDS, OptimizerConfig
 
 
@@ -222,7 +222,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part) if isinstance(node, dict) else None
             if part == "model" and depth == 0 and isinstance(child, str):
-                child = load_json(child, "model")
+                child = read_json_object(child, "model")
                 node[part] = child
             if child is None:
                 child = {}
@@ -235,21 +235,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{what}: {path} is not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{what}: {path} must hold a JSON object")
-    return values
-
-
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
     """The validated config and the raw dict it came from (saved next to checkpoints)."""
-    raw = load_json(path, "run config") if path else {}
+    raw = read_json_object(path, "run config") if path else {}
     raw = apply_overrides(raw, list(overrides))
     return RunConfig.from_dict(raw, source=str(path) if path else "run config"), raw

@@ -130,16 +130,15 @@ class Trainer:
 
     def _model_config(self):
         """The model's config: inline, from a file, or (fine-tuning without one) the checkpoint's."""
-        from glide_jax.config import ModelConfig
-        from train.run_config import load_json
+        from glide_jax.config import ModelConfig, read_json_object
 
         cfg = self.cfg
         options = cfg.model
         if isinstance(options, str):
-            options = load_json(options, "model")
+            options = read_json_object(options, "model")
         if options is None:
             from glide_jax import checkpoint
-            options = load_json(Path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
+            options = read_json_object(Path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
         if cfg.model_kind == "clip":
             from glide_jax.clip import ClipConfig
             return ClipConfig.from_dict(options, source="model")
