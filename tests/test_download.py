@@ -1,9 +1,7 @@
 """`glide_jax.download.fetch` against a local HTTP server on 127.0.0.1 (never the internet)."""
 
 import hashlib
-import http.server
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -11,64 +9,17 @@ import pytest
 from glide_jax import download
 from glide_jax.download import DownloadError, fetch
 
+from local_http import serving
+
 DATA = np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()
 SHA = hashlib.sha256(DATA).hexdigest()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.requests.append({"path": self.path, "range": self.headers.get("Range")})
-        if srv.statuses:
-            self.send_error(srv.statuses.pop(0))
-            return
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        range_header = self.headers.get("Range")
-        if range_header and srv.support_range:
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if srv.cuts:
-            # Announce the full length but hang up early, like a dropped connection.
-            self.wfile.write(body[: srv.cuts.pop(0)])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files = {"/file.bin": DATA}
-    srv.requests, srv.statuses, srv.cuts = [], [], []
-    srv.support_range = True
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/file.bin"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving({"/file.bin": DATA}) as srv:
+        srv.url = f"{srv.base_url}/file.bin"
+        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,8 @@ for the real files with the released configs.
 """
 
 import dataclasses
-import http.server
 import json
 import shutil
-import threading
 
 import jax
 import numpy as np
@@ -23,69 +21,30 @@ from glide_jax.pt_reader import load_state_dict
 from glide_jax.unet import count_params, param_shapes
 from glide_jax.weights import WeightsError, load_local, load_released
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.requests.append({"path": self.path, "range": self.headers.get("Range")})
-        if srv.statuses:
-            self.send_error(srv.statuses.pop(0))
-            return
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        range_header = self.headers.get("Range")
-        if range_header and srv.support_range:
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        limit = srv.cuts.pop(0) if srv.cuts else len(body)
-        for offset in range(0, limit, 1 << 20):
-            # Checked before each chunk goes out: the client cannot have the whole file yet, so
-            # nothing may sit under its final name. (After the last chunk it legitimately may.)
-            srv.watch(self.path)
-            self.wfile.write(body[offset:min(offset + (1 << 20), limit)])
-            self.wfile.flush()
-        if limit < len(body):
-            self.close_connection = True  # announced the full length, hang up early
+from local_http import serving
 
 
 @pytest.fixture
 def server(monkeypatch, tmp_path):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.requests, srv.statuses, srv.cuts = {}, [], [], []
-    srv.support_range = True
-    srv.violations = []
-    srv.weights_dir, srv.converted = None, None  # set by a test: where final names would appear
+    with serving({}) as srv:
+        srv.violations = []
+        srv.weights_dir, srv.converted = None, None  # set by a test: where final names would appear
 
-    def watch(request_path):
-        if srv.weights_dir is None:
-            return
-        for name in (request_path.rsplit("/", 1)[-1], srv.converted):
-            if (srv.weights_dir / name).exists():
-                srv.violations.append(name)
-    srv.watch = watch
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/weights"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, srv.url)
-    monkeypatch.delenv("GLIDE_JAX_OFFLINE", raising=False)
-    monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path / "unused-default-cache"))
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+        def watch(request_path):
+            # Before each chunk the client cannot have the whole file, so nothing may sit under
+            # its final name (after the last chunk it legitimately may).
+            if srv.weights_dir is None:
+                return
+            for name in (request_path.rsplit("/", 1)[-1], srv.converted):
+                if (srv.weights_dir / name).exists():
+                    srv.violations.append(name)
+
+        srv.before_chunk = watch
+        srv.url = f"{srv.base_url}/weights"
+        monkeypatch.setenv(weights.WEIGHTS_URL_ENV, srv.url)
+        monkeypatch.delenv("GLIDE_JAX_OFFLINE", raising=False)
+        monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path / "unused-default-cache"))
+        yield srv
 
 
 @pytest.fixture(scope="module")
