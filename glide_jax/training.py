@@ -139,11 +139,18 @@ class TrainTask:
 
 def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: str = "float32",
                    caption_dropout: float = 0.2, empty_tokens=None, empty_mask=None,
-                   low_res_size: int | None = None) -> TrainTask:
+                   low_res_size: int | None = None, min_snr_gamma: float = 0.0) -> TrainTask:
     """Task for the GLIDE U-Net kinds (`base`, `upsample`, `inpaint`, `upsample_inpaint`).
 
     `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
     dropout. `low_res_size` is the side of the upsampler's input (image_size // 4 by default).
+
+    `min_snr_gamma` > 0 weights each example's eps MSE by min(SNR(t), gamma) / SNR(t) (Hang et al.
+    2023, "Min-SNR weighting"); 0 keeps GLIDE's unweighted objective. With eps prediction the
+    unweighted loss is dominated by the nearly clean timesteps, while what an image shows (the
+    colours, which shape, where) is decided at high noise, whose x_0 errors the eps MSE scales down
+    by SNR(t): the weighting shifts the gradient towards those steps. The vb term, which trains only
+    the variances, is left as it is.
     """
     from glide_jax.unet import GlideUNet, example_inputs
 
@@ -159,6 +166,10 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         raise ConfigError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     if not 0.0 <= caption_dropout < 1.0:
         raise ConfigError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+    if not min_snr_gamma >= 0.0:
+        raise ConfigError(f"min_snr_gamma must be >= 0 (0 = unweighted), got {min_snr_gamma}")
+    snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
+    mse_weights = (np.minimum(snr, min_snr_gamma) / snr if min_snr_gamma > 0 else np.ones_like(snr)).astype(np.float32)
     if config.has_text and caption_dropout > 0 and (empty_tokens is None or empty_mask is None):
         raise ConfigError("caption_dropout > 0 needs the tokenizer's empty caption (empty_tokens, empty_mask)")
     if config.has_text and empty_tokens is not None:
@@ -217,6 +228,8 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         out = model.apply({"params": params}, x_t, diffusion.original_timesteps(t), tokens, mask,
                           deterministic=not train, rngs={"dropout": k_dropout}, **kwargs)
         terms = diffusion.training_losses(out.astype(jnp.float32), x0, x_t, t, noise)
+        if min_snr_gamma > 0:
+            terms["loss"] = jnp.asarray(mse_weights)[t] * terms["mse"] + terms["vb"]
         return terms["loss"].mean(), {name: value.mean() for name, value in terms.items()}
 
     return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=size)

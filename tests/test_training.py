@@ -437,3 +437,36 @@ def test_bfloat16_compute_keeps_float32_master_params():
     assert counts["float32"][1] == 0
     # All but the float32 output head run in bfloat16.
     assert counts["bfloat16"][1] >= counts["bfloat16"][0] - 2 > 0, counts
+
+
+def test_min_snr_weighting_scales_only_the_eps_loss_by_min_snr_gamma_over_snr():
+    import jax
+
+    from glide_jax import training
+    from glide_jax.config import ConfigError, ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    model = ModelConfig.from_dict(TINY_MODEL)
+    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
+    snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
+    gamma = 2.0
+    tasks = {g: training.diffusion_task(model, diffusion, "base", min_snr_gamma=g, caption_dropout=0.0)
+             for g in (0.0, gamma, 1e12)}
+    params = tasks[0.0].init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32),
+             "tokens": rng.integers(0, 16, (1, 8)).astype(np.int32), "mask": np.ones((1, 8), bool)}
+    weights = []
+    for seed in range(12):
+        (plain, terms), (weighted, _), (huge, _) = (
+            tasks[g].loss(params, batch, jax.random.key(seed)) for g in (0.0, gamma, 1e12))
+        assert float(plain) == pytest.approx(float(terms["mse"] + terms["vb"]), rel=1e-6)
+        assert float(huge) == pytest.approx(float(plain), rel=1e-6)   # gamma above every SNR: unweighted
+        weight = (float(weighted) - float(terms["vb"])) / float(terms["mse"])
+        # One batch row, so the weight is that of the row's timestep: one of min(SNR, gamma)/SNR.
+        assert np.min(np.abs(np.minimum(snr, gamma) / snr - weight)) < 1e-4, weight
+        weights.append(weight)
+    assert min(weights) < 0.9 and max(weights) == pytest.approx(1.0, abs=1e-4)  # low-noise steps down-weighted
+
+    with pytest.raises(ConfigError, match="min_snr_gamma must be >= 0"):
+        training.diffusion_task(model, diffusion, "base", min_snr_gamma=-1.0, caption_dropout=0.0)

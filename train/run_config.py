@@ -96,6 +96,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "float32"    # compute dtype; params stay float32
     caption_dropout: float = 0.2
+    min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps loss (see training.diffusion_task)
     ema_rate: float = 0.9999
     diffusion: DiffusionSection = DiffusionSection()
     tokenizer: TokenizerSection = TokenizerSection()
@@ -120,6 +121,8 @@ class RunConfig:
             raise ConfigError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not self.min_snr_gamma >= 0.0:
+            raise ConfigError(f"min_snr_gamma must be >= 0 (0 = GLIDE's unweighted loss), got {self.min_snr_gamma}")
         if not 0.0 <= self.ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must be in [0, 1], got {self.ema_rate}")
         b = self.batch

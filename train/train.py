@@ -197,7 +197,7 @@ class Trainer:
         return training.diffusion_task(
             mc, self.diffusion, cfg.model_kind, compute_dtype=cfg.precision,
             caption_dropout=cfg.caption_dropout, empty_tokens=empty_tokens, empty_mask=empty_mask,
-            low_res_size=self.low_res_size)
+            low_res_size=self.low_res_size, min_snr_gamma=cfg.min_snr_gamma)
 
     @property
     def low_res_size(self) -> int | None:
