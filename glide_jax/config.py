@@ -61,6 +61,10 @@ class ModelConfig:
     inpaint: bool = False
     super_res: bool = False
     n_vocab: int = GLIDE_VOCAB_SIZE
+    # Groups of every GroupNorm (the reference hard-wires 32). A GroupNorm removes each group's mean,
+    # so with one channel per group (num_channels 32) no block can see an image's overall colour or
+    # brightness: small models need fewer groups than GLIDE's 192-channel ones.
+    norm_groups: int = 32
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
@@ -83,6 +87,13 @@ class ModelConfig:
             raise ConfigError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_groups <= 0:
+            raise ConfigError(f"norm_groups must be positive, got {self.norm_groups}")
+        for mult in self.channel_multipliers:
+            if (mult * self.num_channels) % self.norm_groups:
+                raise ConfigError(
+                    f"norm_groups {self.norm_groups} does not divide the {mult * self.num_channels} channels of a "
+                    f"level (num_channels {self.num_channels} x channel_mult {mult})")
 
     # -- derived values -------------------------------------------------------------------------
 

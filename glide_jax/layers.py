@@ -21,20 +21,22 @@ NORM_EPS = 1e-5
 
 
 class GroupNorm32(nn.Module):
-    """GroupNorm over 32 groups of contiguous channels, computed in float32, optional SiLU after."""
+    """GroupNorm over `groups` groups of contiguous channels (the reference's 32 by default),
+    computed in float32, optional SiLU after."""
 
     swish: bool = False
+    groups: int = GROUPNORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        if channels % GROUPNORM_GROUPS:
-            raise ValueError(f"GroupNorm32 needs channels divisible by {GROUPNORM_GROUPS}, got {channels} "
-                             f"(input shape {x.shape}); choose num_channels and channel_mult accordingly")
+        if channels % self.groups:
+            raise ValueError(f"GroupNorm needs channels divisible by its {self.groups} groups, got {channels} "
+                             f"(input shape {x.shape}); choose num_channels, channel_mult and norm_groups accordingly")
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         h = x.astype(jnp.float32)
-        grouped = h.reshape(*h.shape[:-1], GROUPNORM_GROUPS, channels // GROUPNORM_GROUPS)
+        grouped = h.reshape(*h.shape[:-1], self.groups, channels // self.groups)
         reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
         mean = grouped.mean(axis=reduce_axes, keepdims=True)
         var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)

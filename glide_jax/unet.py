@@ -18,8 +18,8 @@ import numpy as np
 from flax import linen as nn
 
 from .config import ConfigError, ModelConfig
-from .layers import (Dtype, GroupNorm32, avg_pool_2x2, conv, dense, multihead_attention, resize_bilinear,
-                     timestep_embedding, upsample_nearest)
+from .layers import (GROUPNORM_GROUPS, Dtype, GroupNorm32, avg_pool_2x2, conv, dense, multihead_attention,
+                     resize_bilinear, timestep_embedding, upsample_nearest)
 from .text_encoder import TextEncoder
 
 TextOutputs = dict[str, jax.Array]
@@ -33,10 +33,11 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     resample: str | None = None  # None, "up" or "down"
     dtype: Dtype = jnp.float32
+    norm_groups: int = GROUPNORM_GROUPS
 
     @nn.compact
     def __call__(self, x, emb, deterministic: bool = True):
-        h = GroupNorm32(swish=True, name="in_norm")(x)
+        h = GroupNorm32(swish=True, groups=self.norm_groups, name="in_norm")(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
@@ -48,10 +49,10 @@ class ResBlock(nn.Module):
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = GroupNorm32(swish=False, name="out_norm")(h) * (1 + scale) + shift
+            h = GroupNorm32(swish=False, groups=self.norm_groups, name="out_norm")(h) * (1 + scale) + shift
             h = nn.silu(h)
         else:
-            h = GroupNorm32(swish=True, name="out_norm")(h + emb_out)
+            h = GroupNorm32(swish=True, groups=self.norm_groups, name="out_norm")(h + emb_out)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(self.out_channels, 3, self.dtype, "out_conv", zero_init=True)(h)
 
@@ -67,12 +68,13 @@ class AttentionBlock(nn.Module):
 
     heads: int
     dtype: Dtype = jnp.float32
+    norm_groups: int = GROUPNORM_GROUPS
 
     @nn.compact
     def __call__(self, x, xf_out=None):
         batch, height, width, channels = x.shape
         head_ch = channels // self.heads
-        h = GroupNorm32(name="norm")(x).reshape(batch, height * width, channels)
+        h = GroupNorm32(groups=self.norm_groups, name="norm")(x).reshape(batch, height * width, channels)
         # Fused projections are laid out [head][q|k|v][channel], matching the reference's weights.
         qkv = dense(3 * channels, self.dtype, "qkv")(h)
         qkv = qkv.reshape(batch, height * width, self.heads, 3, head_ch)
@@ -136,10 +138,11 @@ class UNet(nn.Module):
         heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
 
         def res_block(out_ch, name, resample=None):
-            return ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, name=name)
+            return ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups, name=name)
 
         def attention(ch, heads, name):
-            return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, name=name)
+            return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
+                                  name=name)
 
         emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_0")(emb)
@@ -199,7 +202,7 @@ class UNet(nn.Module):
         assert not skips and not skip_channels
 
         # The output head runs in float32 even under reduced precision, as the reference keeps it.
-        h = GroupNorm32(swish=True, name="out_norm")(h.astype(jnp.float32))
+        h = GroupNorm32(swish=True, groups=cfg.norm_groups, name="out_norm")(h.astype(jnp.float32))
         return conv(cfg.out_channels, 3, jnp.float32, "out_conv", zero_init=True)(h)  # [B, H, W, 6]
 
 

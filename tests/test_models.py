@@ -251,6 +251,8 @@ def test_config_errors_name_the_key(tmp_path):
         ModelConfig(image_size=48)
     with pytest.raises(ConfigError, match="xf_width 30 is not divisible by xf_heads 4"):
         ModelConfig(xf_width=30, xf_heads=4)
+    with pytest.raises(ConfigError, match="norm_groups 12 does not divide the 32 channels .*num_channels 32"):
+        ModelConfig(image_size=32, num_channels=32, channel_mult="1,2", norm_groups=12)
     path = tmp_path / "broken.json"
     path.write_text("{")
     with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
@@ -259,3 +261,37 @@ def test_config_errors_name_the_key(tmp_path):
                          num_head_channels=24, xf_width=0)
     with pytest.raises(ConfigError, match="num_head_channels=24"):
         param_shapes(config)
+
+
+def test_norm_groups_sets_every_group_norm_and_lets_blocks_see_the_overall_colour():
+    import jax
+
+    from glide_jax.layers import GroupNorm32
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    shifted = x + np.arange(8, dtype=np.float32)   # a different constant offset per channel
+    for groups in (8, 2):
+        norm = GroupNorm32(groups=groups)
+        params = norm.init(jax.random.key(0), x)
+        out = np.asarray(norm.apply(params, x))
+        grouped = x.reshape(2, 4, 4, groups, 8 // groups)
+        mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+        var = grouped.var(axis=(1, 2, 4), keepdims=True)
+        np.testing.assert_allclose(out, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), atol=1e-5)
+        change = np.abs(np.asarray(norm.apply(params, shifted)) - out).max()
+        # One channel per group removes each channel's mean: the offsets are invisible after it.
+        assert (change < 1e-4) if groups == 8 else (change > 0.1), (groups, change)
+
+    # The U-Net passes the option to every GroupNorm (the parameters do not depend on it).
+    config = ModelConfig(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="1",
+                         num_head_channels=32, xf_width=0, dropout=0.0)
+    fewer = ModelConfig(**{**config.to_dict(), "norm_groups": 8})
+    assert jax.tree.map(np.shape, param_shapes(config)) == jax.tree.map(np.shape, param_shapes(fewer))
+    params = jax.tree.map(lambda s: np.random.default_rng(1).normal(size=s.shape).astype(np.float32) * 0.1,
+                          param_shapes(config))
+    x8, t = np.random.default_rng(2).normal(size=(1, 8, 8, 3)).astype(np.float32), np.array([10])
+    jaxpr = str(jax.make_jaxpr(lambda p: GlideUNet(fewer).apply({"params": p}, x8, t))(params))
+    assert "8,4]" in jaxpr and ",32,1]" not in jaxpr   # every norm reshapes 32 channels into 8 groups of 4
+    a = GlideUNet(config).apply({"params": params}, x8, t)
+    b = GlideUNet(fewer).apply({"params": params}, x8, t)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
