@@ -175,7 +175,7 @@ def _text(source, name, config, captions):
 
 def sample_condition(models: DemoModels, captions, seeds, *, respacing, guidance, scale=None,
                      inpaint_image=None, inpaint_mask=None, sampler="ddpm"):
-    """uint8 (N*M, S, S, 3) images: prompt-major, seed-minor, the noise of image (p, s) fixed by s."""
+    """uint8 (N*M, S, S, 3) images: prompt-major, seed-minor, x_T of image (p, s) fixed by (p, s)."""
     import jax
 
     name = "base-inpaint" if inpaint_image is not None else "base"
@@ -183,9 +183,11 @@ def sample_condition(models: DemoModels, captions, seeds, *, respacing, guidance
     rows = [c for c in captions for _ in seeds]
     tokens, mask, (uncond_t, uncond_m) = _text(models.source, name, config, rows)
     size = config.image_size
-    # The noise depends on the seed only, so every prompt and condition starts from the same x_T.
-    noise = np.stack([np.asarray(jax.random.normal(jax.random.key(s), (size, size, 3))) for s in seeds])
-    noise = np.tile(noise, (len(captions), 1, 1, 1))
+    # x_T of image (p, s) comes from (seed s, prompt p): every condition starts prompt p from the same
+    # noise (a paired comparison), while different prompts get independent draws, so the images of
+    # one condition are independent samples, as the confidence intervals assume.
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), p), (size, size, 3)))
+                      for p in range(len(captions)) for s in seeds])
     extra = {}
     if inpaint_image is not None:
         extra = dict(inpaint_image=np.repeat(inpaint_image, len(seeds), 0),
