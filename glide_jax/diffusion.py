@@ -243,13 +243,26 @@ class GaussianDiffusion:
 
     @classmethod
     def create(cls, schedule: str = "squaredcos_cap_v2", steps: int = 1000,
-               respacing: str | Sequence[int] = "") -> "GaussianDiffusion":
+               respacing: str | Sequence[int] = "", start_step: int | None = None) -> "GaussianDiffusion":
         """The reference's `create_gaussian_diffusion`: schedule over `steps`, then respaced
-        (`""` keeps every step)."""
+        (`""` keeps every step).
+
+        `start_step` truncates the chain: the respacing is spread over original timesteps
+        0..start_step instead of 0..steps-1, so sampling starts at `start_step` from a noised image
+        rather than from pure noise (see `starts_from_noise`; the pipeline's upsamplers start from
+        their upsampled low-res input). Not in the reference.
+        """
         base_betas = get_named_beta_schedule(schedule, steps)
+        if start_step is not None and not (isinstance(start_step, (int, np.integer)) and 0 < start_step < steps):
+            raise DiffusionConfigError(f"start_step must be an integer in [1, {steps - 1}] (an original timestep), "
+                                       f"got {start_step!r}")
+        span = steps if start_step is None else int(start_step) + 1
         if respacing in ("", None) or (not isinstance(respacing, str) and len(respacing) == 0):
-            return cls(betas=base_betas, timestep_map=np.arange(steps), original_num_steps=steps)
-        kept = space_timesteps(steps, respacing)
+            if span == steps:
+                return cls(betas=base_betas, timestep_map=np.arange(steps), original_num_steps=steps)
+            kept = set(range(span))
+        else:
+            kept = space_timesteps(span, respacing)
         if not kept:
             raise DiffusionConfigError(f"timestep respacing {respacing!r} keeps no steps")
         base_acp = np.cumprod(1.0 - base_betas)
@@ -257,6 +270,12 @@ class GaussianDiffusion:
         kept_acp = base_acp[timestep_map]
         betas = 1.0 - kept_acp / np.append(1.0, kept_acp[:-1])
         return cls(betas=betas, timestep_map=timestep_map, original_num_steps=steps)
+
+    @property
+    def starts_from_noise(self) -> bool:
+        """Whether the chain starts at the schedule's last step, where x_T is pure noise; False
+        after `create(..., start_step=...)`."""
+        return int(self.timestep_map[-1]) == self.original_num_steps - 1
 
     @property
     def num_timesteps(self) -> int:

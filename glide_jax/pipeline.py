@@ -48,6 +48,7 @@ from glide_jax import clip as clip_lib
 from glide_jax import parallel
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import GaussianDiffusion
+from glide_jax.layers import resize_bilinear
 from glide_jax.sampling import classifier_free_guidance, ddim_sample, ddpm_sample, inpaint_denoised_fn
 from glide_jax.unet import GlideUNet
 
@@ -113,7 +114,12 @@ def _program(spec: _Spec, params, batch, scalars, clip_params):
         rows = 2 if spec.guidance == "cfg" else 1
         conditioning = {}
         if spec.super_res:
-            conditioning["low_res"] = jnp.repeat(_to_unit_range(example["low_res"])[None], rows, 0)
+            low_res = _to_unit_range(example["low_res"])[None]
+            conditioning["low_res"] = jnp.repeat(low_res, rows, 0)
+            if not spec.diffusion.starts_from_noise:
+                # A truncated chain starts from the upsampled input noised to its first step.
+                top = spec.diffusion.alphas_cumprod[-1]
+                x_T = np.sqrt(top) * resize_bilinear(low_res, size, size) + np.sqrt(1.0 - top) * x_T
         if spec.inpaint:
             conditioning["inpaint_image"] = jnp.repeat(example["inpaint_image"][None], rows, 0)
             conditioning["inpaint_mask"] = jnp.repeat(example["inpaint_mask"][None], rows, 0)
@@ -288,6 +294,9 @@ def _check_model(config, diffusion, sampler, dtype, *, super_res: bool) -> None:
                             f"got a {kind} model config")
     if not isinstance(diffusion, GaussianDiffusion):
         raise PipelineError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
+    if not super_res and not diffusion.starts_from_noise:
+        raise PipelineError(f"the diffusion starts at timestep {int(diffusion.timestep_map[-1])}, not from pure noise "
+                            f"(start_step): only an upsampler has an image (its low-res input) to start from")
     if sampler not in SAMPLERS:
         raise PipelineError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if dtype not in DTYPES:
@@ -415,8 +424,11 @@ def sample_upsample(config: ModelConfig, params, low_res, tokens, mask, key, *, 
 
     `low_res` (B, h, w, 3) is uint8, or float in [-1, 1] which is first quantised to 8 bits as the
     reference's cascade does. x_T is Gaussian noise times `temp` (the reference's
-    `upsample_temp`; a given `noise` is used as is). No guidance, as in the reference. Other
-    arguments as `sample_base`.
+    `upsample_temp`; a given `noise` is used as is). A truncated `diffusion`
+    (`GaussianDiffusion.create(..., start_step=t)`) starts instead from the bilinearly upsampled
+    input noised to step t with that noise, sqrt(abar_t) * up(low_res) + sqrt(1 - abar_t) * x_T:
+    a small upsampler's predictions at the noisiest steps are its weakest. No guidance, as in the
+    reference. Other arguments as `sample_base`.
     """
     _check_model(config, diffusion, sampler, dtype, super_res=True)
     temp = _check_scalar("temp", temp, positive=True)

@@ -160,10 +160,10 @@ class DemoModels:
         return self._cache[name]
 
 
-def _diffusion(config, respacing):
+def _diffusion(config, respacing, start_step=None):
     from sample.generate import diffusion_for
 
-    return diffusion_for(config, respacing)
+    return diffusion_for(config, respacing, start_step)
 
 
 def _text(source, name, config, captions):
@@ -274,10 +274,13 @@ def markdown(results: dict) -> str:
                       f"largest mean |Δ| {ip['max_kept_change']:.2f} levels."]
     up = results.get("upsample")
     if up:
-        lines += ["", f"Upsampler 32→64 px on {up['n']} ground-truth renders ({up['respacing']} steps), "
+        lines += ["", f"Upsampler 32→64 px on {up['n']} ground-truth renders ({up['respacing']} {up['sampler']} "
+                      f"steps from t={up['start']}, as the CLI; the full chain from pure noise for comparison), "
                       "mean [95% interval]:", "",
                   "| method | PSNR (dB) | SSIM |", "|---|---|---|"]
-        for method in ("model", "bicubic"):
+        for method in ("model", "model_full_chain", "bicubic"):
+            if method not in up:
+                continue
             p, s = up[method]["psnr"], up[method]["ssim"]
             lines.append(f"| {method} | {p['mean']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] | "
                          f"{s['mean']:.4f} [{s['lo']:.4f}, {s['hi']:.4f}] |")
@@ -307,6 +310,9 @@ def _parse_args(argv):
     p.add_argument("--inpaint-scale", type=float, default=3.0, help="CFG scale for inpainting")
     p.add_argument("--upsample", type=int, default=16, help="upsampler test images (0 skips)")
     p.add_argument("--upsample-respacing", default=None, help="default: the CLI's demo default")
+    p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
+    p.add_argument("--upsample-start", type=int, default=None,
+                   help="original timestep the upsampler starts from (999: pure noise); default: the CLI's demo default")
     p.add_argument("--grid", default="demo/guidance_grid.png", help="guidance grid image ('' skips)")
     p.add_argument("--grid-prompts", type=int, default=8)
     p.add_argument("--out", default="out/eval", help="directory for results.json and results.md")
@@ -327,6 +333,11 @@ def evaluate(args, log=print) -> dict:
     args.respacing = args.respacing or generate.DEMO_RESPACING
     args.sampler = args.sampler or generate.DEMO_SAMPLER
     args.upsample_respacing = args.upsample_respacing or generate.DEMO_UPSAMPLE_RESPACING
+    args.upsample_sampler = args.upsample_sampler or generate.DEMO_UPSAMPLE_SAMPLER
+    if args.upsample_start is None:
+        args.upsample_start = generate.DEMO_UPSAMPLE_START
+    if not 1 <= args.upsample_start <= generate.FULL_CHAIN_START:
+        raise SystemExit(f"error: --upsample-start must be in [1, {generate.FULL_CHAIN_START}], got {args.upsample_start}")
 
     if args.prompts < 1 or args.seeds < 1:
         raise SystemExit("error: --prompts and --seeds must be at least 1")
@@ -383,7 +394,8 @@ def evaluate(args, log=print) -> dict:
         log(f"inpainting: followed {_pct(results['inpaint']['followed'])}, kept {_pct(results['inpaint']['kept'])}")
 
     if args.upsample > 0:
-        results["upsample"] = evaluate_upsampler(models, args.upsample, args.upsample_respacing, args.sampler)
+        results["upsample"] = evaluate_upsampler(models, args.upsample, args.upsample_respacing,
+                                                 args.upsample_sampler, args.upsample_start)
         u = results["upsample"]
         log(f"upsampler PSNR {u['model']['psnr']['mean']:.2f} dB vs bicubic {u['bicubic']['psnr']['mean']:.2f} dB")
 
@@ -403,9 +415,13 @@ def evaluate(args, log=print) -> dict:
     return results
 
 
-def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str) -> dict:
+def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str, start: int) -> dict:
+    """The upsampler on `n` ground-truth 32 px renders against their 64 px renders, as the CLI runs
+    it (`sampler` from timestep `start`) and, when that is a truncated chain, from pure noise too."""
     import jax
     from PIL import Image
+
+    from sample.generate import FULL_CHAIN_START
 
     config, params = models.get("upsample")
     scenes = [shapes.scene_at(99, i, "heldout" if i % 4 == 0 else "train") for i in range(n)]
@@ -415,17 +431,20 @@ def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str)
     if config.has_text:
         captions = [s.caption(np.random.default_rng(i)) for i, s in enumerate(scenes)]
         tokens, mask, _ = _text(models.source, "upsample", config, captions)
-    out = models.pipeline.sample_upsample(
-        config, params, low.astype(np.float32) / 127.5 - 1, tokens, mask, jax.random.key(0),
-        diffusion=_diffusion(config, respacing), sampler=sampler, temp=0.997, mesh=models.mesh)
-    model = models.pipeline.to_uint8(out)
     size = config.image_size
-    bicubic = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in low])
-    result = {"n": n, "respacing": respacing}
-    for name, images in (("model", model), ("bicubic", bicubic)):
+    outputs = {"bicubic": np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in low])}
+    starts = {"model": start, "model_full_chain": FULL_CHAIN_START} if start < FULL_CHAIN_START else {"model": start}
+    for name, first in starts.items():
+        out = models.pipeline.sample_upsample(
+            config, params, low.astype(np.float32) / 127.5 - 1, tokens, mask, jax.random.key(0),
+            diffusion=_diffusion(config, respacing, first), sampler=sampler, temp=0.997, mesh=models.mesh)
+        outputs[name] = models.pipeline.to_uint8(out)
+    result = {"n": n, "respacing": respacing, "sampler": sampler, "start": start}
+    for name, images in outputs.items():
         result[name] = {"psnr": mean_interval([psnr(a, b) for a, b in zip(images, high)]),
                         "ssim": mean_interval([ssim(a, b) for a, b in zip(images, high)])}
-    result["psnr_gain"] = mean_interval([psnr(a, h) - psnr(b, h) for a, b, h in zip(model, bicubic, high)])
+    result["psnr_gain"] = mean_interval([psnr(a, h) - psnr(b, h)
+                                         for a, b, h in zip(outputs["model"], outputs["bicubic"], high)])
     return result
 
 

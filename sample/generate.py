@@ -47,12 +47,16 @@ EXIT_BAD_INPUT = 2
 DEFAULT_RESPACING = "100"
 DEFAULT_UPSAMPLE_RESPACING = "fast27"
 # The demo models: 50 + 25 steps keep the whole cascade well under a minute on two CPU cores.
-# Ancestral (DDPM) sampling for both: the briefly trained demo models' deterministic DDIM
-# trajectories keep visible noise and ignore the prompt, which DDPM's fresh noise and learned
-# variances correct (measured on the shapes domain with the analyser, see demo/REPRODUCE.md).
+# The base samples with ancestral (DDPM) steps. The small upsampler runs deterministic DDIM from
+# its input noised to t=400 rather than from pure noise: its eps predictions at the noisiest steps
+# are too coarse to hold the input's colours (measured with `python -m sample.evaluate`, see
+# demo/REPRODUCE.md).
 DEMO_RESPACING = "50"
 DEMO_UPSAMPLE_RESPACING = "25"
 DEMO_SAMPLER = "ddpm"
+DEMO_UPSAMPLE_SAMPLER = "ddim"
+DEMO_UPSAMPLE_START = 400
+FULL_CHAIN_START = 999   # the schedule's last step: the upsampler starts from pure noise
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 MODEL_CHOICES = ("demo", "glide")
 
@@ -93,8 +97,13 @@ def _parse_args(argv):
                    help=f"upsampler steps or respacing, e.g. 27 or fast27 (default {DEFAULT_UPSAMPLE_RESPACING}; "
                         f"demo {DEMO_UPSAMPLE_RESPACING})")
     p.add_argument("--upsample-temp", type=float, default=0.997, help="upsampler noise temperature (> 0)")
+    p.add_argument("--upsample-start", type=int,
+                   help="start the upsampler at this original timestep (1-999) from the base image upsampled and "
+                        "noised to it, instead of from pure noise (999, the reference's way; default 999, "
+                        f"demo {DEMO_UPSAMPLE_START})")
     p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"),
-                   help=f"upsampler sampler (default ddim, ddpm when inpainting, as the reference; demo {DEMO_SAMPLER})")
+                   help="upsampler sampler (default ddim, ddpm when inpainting, as the reference; "
+                        f"demo {DEMO_UPSAMPLE_SAMPLER})")
     p.add_argument("--inpaint-image", help="image to inpaint (needs --inpaint-mask)")
     p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
@@ -126,7 +135,9 @@ def _resolve_model(args) -> None:
     if args.upsample_steps is None:
         args.upsample_steps = DEMO_UPSAMPLE_RESPACING if demo else DEFAULT_UPSAMPLE_RESPACING
     if args.upsample_sampler is None and demo:
-        args.upsample_sampler = DEMO_SAMPLER
+        args.upsample_sampler = DEMO_UPSAMPLE_SAMPLER
+    if args.upsample_start is None:
+        args.upsample_start = DEMO_UPSAMPLE_START if demo else FULL_CHAIN_START
 
 
 def _check_args(args) -> None:
@@ -139,6 +150,9 @@ def _check_args(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not math.isfinite(args.upsample_temp) or args.upsample_temp <= 0:
         raise InputError(f"--upsample-temp must be a finite number > 0, got {args.upsample_temp}")
+    if not 1 <= args.upsample_start <= FULL_CHAIN_START:
+        raise InputError(f"--upsample-start must be an original timestep in [1, {FULL_CHAIN_START}], "
+                         f"got {args.upsample_start}")
     if args.steps is not None and args.steps < 2:
         raise InputError(f"--steps must be at least 2, got {args.steps}")
     if not 0 <= args.seed < 2 ** 32:
@@ -157,11 +171,13 @@ def _respacings(args) -> tuple[str, str]:
 
     base = str(args.steps) if args.steps is not None else (args.respacing or DEFAULT_RESPACING)
     up = str(args.upsample_steps)
-    for option, value in (("--steps/--respacing", base), ("--upsample-steps", up)):
+    for option, value, span in (("--steps/--respacing", base, 1000),
+                                ("--upsample-steps", up, args.upsample_start + 1)):
         try:
-            kept = space_timesteps(1000, value)
+            kept = space_timesteps(span, value)
         except ValueError as err:
-            raise InputError(f"{option}: {err}") from None
+            limit = f" (--upsample-start {args.upsample_start} leaves {span} steps)" if span < 1000 else ""
+            raise InputError(f"{option}: {err}{limit}") from None
         if len(kept) < 2:
             raise InputError(f"{option} {value!r} keeps {len(kept)} step(s); at least 2 are needed")
     return base, up
@@ -254,12 +270,14 @@ class ModelSource:
         return self.tokenizer(name).pad_and_mask([], config.text_ctx)
 
 
-def diffusion_for(config, respacing: str):
+def diffusion_for(config, respacing: str, start_step: int | None = None):
     from glide_jax.diffusion import GaussianDiffusion
 
     # The released configs name their schedule; the reference's defaults otherwise.
     schedule = config.noise_schedule or ("linear" if config.super_res else "squaredcos_cap_v2")
-    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing)
+    if start_step is not None and start_step >= config.diffusion_steps - 1:
+        start_step = None   # the last step: the full chain from pure noise
+    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing, start_step=start_step)
 
 
 _diffusion = diffusion_for
@@ -341,7 +359,7 @@ def run(args, log) -> Path:
     if args.upsample:
         up_name = "upsample-inpaint" if inpainting and models.has_inpaint_upsampler() else "upsample"
         up_config, up_params = models.load(up_name)
-        up_diffusion = _diffusion(up_config, up_respacing)
+        up_diffusion = _diffusion(up_config, up_respacing, args.upsample_start)
         up_params = pipeline.prepare_params(up_params, mesh)
         up_tokens, up_mask = _tokens(models.tokenizer(up_name) if up_config.has_text else None, image_prompts,
                                      up_config.text_ctx, "upsample", log)
@@ -352,7 +370,8 @@ def run(args, log) -> Path:
                          inpaint_mask=np.repeat(image_io.upsample_mask(base_mask, size)[None], n, 0))
         sampler = args.upsample_sampler or ("ddpm" if inpainting else "ddim")
         timing = pipeline.StageTiming()
-        log(f"upsample ({sampler}, {up_diffusion.num_timesteps} steps, temp {args.upsample_temp}): "
+        start = "" if up_diffusion.starts_from_noise else f" from t={args.upsample_start}"
+        log(f"upsample ({sampler}, {up_diffusion.num_timesteps} steps{start}, temp {args.upsample_temp}): "
             f"sampling {n} image(s)...")
         # 8-bit quantisation of the 64px images happens inside the stage, as the reference's cascade.
         images = pipeline.sample_upsample(

@@ -242,3 +242,18 @@ def test_shape_errors_are_specific():
         d.p_mean_variance(x, x, jnp.array([1, 1]))
     with pytest.raises(ValueError, match="noise has shape"):
         d.q_sample(x, jnp.array([1, 1]), jnp.zeros((2, 4, 4, 1)))
+
+
+def test_start_step_truncates_the_chain_on_the_original_schedule():
+    full = GaussianDiffusion.create("linear", 1000)
+    assert full.starts_from_noise and GaussianDiffusion.create("linear", 1000, "25").starts_from_noise
+    short = GaussianDiffusion.create("linear", 1000, "25", start_step=400)
+    assert not short.starts_from_noise
+    assert short.num_timesteps == 25 and short.timestep_map[0] == 0 and short.timestep_map[-1] == 400
+    np.testing.assert_allclose(short.alphas_cumprod, full.alphas_cumprod[short.timestep_map], rtol=1e-12)
+    every = GaussianDiffusion.create("linear", 1000, start_step=9)
+    np.testing.assert_array_equal(every.timestep_map, np.arange(10))
+    np.testing.assert_allclose(every.betas, full.betas[:10], rtol=1e-12)
+    for bad in (0, 1000, -3, 2.5):
+        with pytest.raises(DiffusionConfigError, match=r"start_step must be an integer in \[1, 999\]"):
+            GaussianDiffusion.create("linear", 1000, "25", start_step=bad)

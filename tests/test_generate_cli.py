@@ -137,6 +137,8 @@ BAD_INPUTS = [
     (["--respacing", "fast28"], "timestep respacing 'fast28' is not understood"),
     (["--upsample-steps", "ddimx"], "--upsample-steps"),
     (["--upsample-temp", "0"], "--upsample-temp must be a finite number > 0"),
+    (["--upsample-start", "0"], "--upsample-start must be an original timestep in [1, 999]"),
+    (["--upsample-start", "10", "--upsample-steps", "25"], "cannot keep 25 of them (--upsample-start 10 leaves 11 steps)"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--steps", "10", "--respacing", "10"], "not allowed with argument"),
     (["--sampler", "plms"], "invalid choice"),

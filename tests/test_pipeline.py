@@ -249,3 +249,31 @@ def test_clip_guided_matches_reference_trace(golden, load):
     # As in test_traces: the cosine schedule's first step can amplify float32 noise near the clip
     # at a handful of pixels; everything else must be within the golden bound.
     assert err.max() < 1e-2 and (err > ATOL).mean() <= 1e-3, (err.max(), (err > ATOL).sum())
+
+
+def test_truncated_upsampler_chain_starts_from_the_noised_upsampled_input():
+    from glide_jax.layers import resize_bilinear
+    from glide_jax.unet import init_params
+
+    config = ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                         attention_resolutions="", xf_width=0, super_res=True, dropout=0.0)
+    params = init_params(config, jax.random.key(0))  # zero output head: eps = 0 everywhere
+    low = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    up = np.asarray(resize_bilinear(jnp.asarray(low, jnp.float32) / 127.5 - 1, 16, 16))
+    noise = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    for start in (None, 20):
+        diffusion = GaussianDiffusion.create("linear", 1000, "10", start_step=start)
+        out = pipeline.sample_upsample(config, params, low, None, None, jax.random.key(1), diffusion=diffusion,
+                                       sampler="ddim", noise=noise)
+        if start is None:
+            assert np.abs(out - up).mean() > 0.5   # from pure noise, a model that predicts eps = 0 ends far away
+        else:
+            # With eps = 0, DDIM returns x_start / sqrt(abar): the upsampled input plus the scaled noise.
+            top = diffusion.alphas_cumprod[-1]
+            np.testing.assert_allclose(out, np.clip(up + np.sqrt((1 - top) / top) * noise, -1, 1), atol=1e-4)
+
+    base = ModelConfig(**{**config.to_dict(), "super_res": False})
+    with pytest.raises(pipeline.PipelineError, match="starts at timestep 20, not from pure noise"):
+        pipeline.sample_base(base, init_params(base, jax.random.key(0)), None, None, jax.random.key(0),
+                             noise=noise[:1], guidance_scale=None,
+                             diffusion=GaussianDiffusion.create("linear", 1000, "10", start_step=20))
