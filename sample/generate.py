@@ -48,14 +48,14 @@ DEFAULT_RESPACING = "100"
 DEFAULT_UPSAMPLE_RESPACING = "fast27"
 # The demo models: 50 + 25 steps keep the whole cascade well under a minute on two CPU cores.
 # The base samples with ancestral (DDPM) steps. The small upsampler runs deterministic DDIM from
-# its input noised to t=400 rather than from pure noise: its eps predictions at the noisiest steps
+# its input noised to t=500 rather than from pure noise: its eps predictions at the noisiest steps
 # are too coarse to hold the input's colours (measured with `python -m sample.evaluate`, see
 # demo/REPRODUCE.md).
 DEMO_RESPACING = "50"
 DEMO_UPSAMPLE_RESPACING = "25"
 DEMO_SAMPLER = "ddpm"
 DEMO_UPSAMPLE_SAMPLER = "ddim"
-DEMO_UPSAMPLE_START = 400
+DEMO_UPSAMPLE_START = 500
 FULL_CHAIN_START = 999   # the schedule's last step: the upsampler starts from pure noise
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 MODEL_CHOICES = ("demo", "glide")
