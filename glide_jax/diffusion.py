@@ -188,6 +188,9 @@ class GaussianDiffusion:
     betas: np.ndarray
     timestep_map: np.ndarray
     original_num_steps: int
+    # Set by `create(..., start_step=...)`: the chain starts from a noised image at this original
+    # timestep. None: from pure noise, whatever the respacing's last kept step (fast27 ends at 997).
+    start_step: int | None = None
     alphas_cumprod: np.ndarray = dataclasses.field(init=False, repr=False)
     alphas_cumprod_prev: np.ndarray = dataclasses.field(init=False, repr=False)
     alphas_cumprod_next: np.ndarray = dataclasses.field(init=False, repr=False)
@@ -269,20 +272,21 @@ class GaussianDiffusion:
         timestep_map = np.array(sorted(kept), dtype=np.int64)
         kept_acp = base_acp[timestep_map]
         betas = 1.0 - kept_acp / np.append(1.0, kept_acp[:-1])
-        return cls(betas=betas, timestep_map=timestep_map, original_num_steps=steps)
+        return cls(betas=betas, timestep_map=timestep_map, original_num_steps=steps,
+                   start_step=None if start_step is None else int(start_step))
 
     @property
     def starts_from_noise(self) -> bool:
-        """Whether the chain starts at the schedule's last step, where x_T is pure noise; False
-        after `create(..., start_step=...)`."""
-        return int(self.timestep_map[-1]) == self.original_num_steps - 1
+        """Whether sampling starts from pure noise (x_T), as the reference always does; False after
+        `create(..., start_step=...)`."""
+        return self.start_step is None
 
     @property
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
     def _key(self):
-        return (self.original_num_steps, self.betas.tobytes(), self.timestep_map.tobytes())
+        return (self.original_num_steps, self.betas.tobytes(), self.timestep_map.tobytes(), self.start_step)
 
     def __eq__(self, other):
         return isinstance(other, GaussianDiffusion) and self._key() == other._key()

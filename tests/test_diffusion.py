@@ -247,10 +247,14 @@ def test_shape_errors_are_specific():
 def test_start_step_truncates_the_chain_on_the_original_schedule():
     full = GaussianDiffusion.create("linear", 1000)
     assert full.starts_from_noise and GaussianDiffusion.create("linear", 1000, "25").starts_from_noise
+    # Respacings that end below the last step still start from pure noise, as in the reference.
+    assert GaussianDiffusion.create("linear", 1000, "fast27").timestep_map[-1] == 997
+    assert GaussianDiffusion.create("linear", 1000, "fast27").starts_from_noise
     short = GaussianDiffusion.create("linear", 1000, "25", start_step=400)
     assert not short.starts_from_noise
     assert short.num_timesteps == 25 and short.timestep_map[0] == 0 and short.timestep_map[-1] == 400
     np.testing.assert_allclose(short.alphas_cumprod, full.alphas_cumprod[short.timestep_map], rtol=1e-12)
+    assert short != GaussianDiffusion(betas=short.betas, timestep_map=short.timestep_map, original_num_steps=1000)
     every = GaussianDiffusion.create("linear", 1000, start_step=9)
     np.testing.assert_array_equal(every.timestep_map, np.arange(10))
     np.testing.assert_allclose(every.betas, full.betas[:10], rtol=1e-12)
