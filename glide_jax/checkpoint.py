@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from glide_jax.config import ConfigError, read_json_object
+
 __all__ = ["CheckpointError", "save_model", "load_model", "restore_params", "CONFIG_FILE",
            "PARAMS_DIR"]
 
@@ -174,15 +176,12 @@ def _locate(directory: str | os.PathLike) -> tuple[Path, Path]:
 
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; not a saved model")
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; not a saved model") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+        return read_json_object(path, "model config")
+    except ConfigError as err:   # a damaged saved model, not a user's config mistake
+        raise CheckpointError(str(err)) from None
 
 
 def _param_metadata(params_dir: Path) -> Any:
