@@ -65,13 +65,14 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0              # global-norm clip; 0 disables
+    restart_step: int = 0               # > 0: the schedule, warm-up included, begins again here
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
-        for key in ("warmup_steps", "decay_steps"):
+        for key in ("warmup_steps", "decay_steps", "restart_step"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
         if self.schedule == "cosine" and self.decay_steps <= 0:
@@ -83,16 +84,21 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Linear warm-up from 0, then constant or cosine decay to `min_learning_rate`."""
+    """Linear warm-up from 0, then constant or cosine decay to `min_learning_rate`; with
+    `restart_step`, the same schedule again from that step (a warm restart: a finished run resumed
+    with a larger `train_steps` would otherwise go on at its final, smallest rate)."""
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
     else:
         after = optax.cosine_decay_schedule(cfg.learning_rate, cfg.decay_steps,
                                             alpha=cfg.min_learning_rate / cfg.learning_rate)
-    if cfg.warmup_steps == 0:
-        return after
-    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    once = after
+    if cfg.warmup_steps > 0:
+        warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+        once = optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    if cfg.restart_step == 0:
+        return once
+    return optax.join_schedules([once, once], [cfg.restart_step])
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

@@ -407,6 +407,23 @@ def test_every_model_kind_builds_a_loss_over_its_batch(kind):
     assert jax.tree.structure(grads) == jax.tree.structure(state.params)
 
 
+def test_restart_step_runs_the_schedule_again_from_that_step():
+    from glide_jax import training
+    from glide_jax.config import ConfigError
+
+    args = dict(learning_rate=1e-3, schedule="cosine", warmup_steps=10, decay_steps=90, min_learning_rate=1e-5)
+    once = training.learning_rate_schedule(training.OptimizerConfig(**args))
+    again = training.learning_rate_schedule(training.OptimizerConfig(**args, restart_step=500))
+    for step in (0, 5, 10, 50, 100, 499):
+        assert float(again(step)) == pytest.approx(float(once(step)))
+    assert float(again(499)) == pytest.approx(1e-5)          # the first schedule has run out...
+    for offset in (0, 5, 10, 50, 100, 300):                   # ...and begins again, warm-up first
+        assert float(again(500 + offset)) == pytest.approx(float(once(offset)))
+    assert float(again(550)) > 0.4e-3
+    with pytest.raises(ConfigError, match="optimizer.restart_step must be >= 0"):
+        training.OptimizerConfig(**args, restart_step=-1)
+
+
 def test_wrong_model_kind_for_the_model_config_is_refused():
     from glide_jax import training
     from glide_jax.config import ConfigError, ModelConfig
