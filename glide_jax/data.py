@@ -150,6 +150,11 @@ class Source:
     def fingerprint(self) -> str:
         return f"{type(self).__name__}:{len(self)}"
 
+    def object_boxes(self, index: int, epoch: int) -> list[tuple[float, float, float, float]] | None:
+        """(top, left, bottom, right) of each object in record `index`, as fractions of the image
+        side, for "object" inpainting masks; None where the source does not know (the default)."""
+        return None
+
 
 def _fingerprint(kind: str, keys: Iterable[str]) -> str:
     digest = hashlib.sha1()
@@ -312,6 +317,9 @@ class ShapesSource(Source):
     def load(self, index, epoch, image_size, rng):
         scene = self.scene(index, epoch)
         return scene.render(image_size), scene.caption(rng)
+
+    def object_boxes(self, index, epoch):
+        return [s.box for s in self.scene(index, epoch).shapes]
 
     def fingerprint(self):
         return f"shapes:{self.seed}:{self.split}:{self.epoch_size}"
@@ -526,6 +534,9 @@ class DataLoader:
             raise DataError(f"source has {len(source)} records, fewer than host_count={host_count}")
         if low_res_size is not None and (low_res_size <= 0 or image_size % low_res_size):
             raise DataError(f"low_res_size {low_res_size} must divide image_size {image_size}")
+        if masks is not None and masks.object_weight > 0 and type(source).object_boxes is Source.object_boxes:
+            raise DataError(f"masks.object_weight is {masks.object_weight}, but a {type(source).__name__} "
+                            "does not know where its objects are; use 'object' masks with the shapes source")
         self.source = source
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -652,8 +663,9 @@ class DataLoader:
             example["low_res"] = degrade_low_res(example["images"], factor, extra_rng,
                                                  self.degradation)
         if self.mask_config is not None:
+            boxes = self.source.object_boxes(index, epoch) if self.mask_config.object_weight > 0 else None
             example["inpaint_mask"] = sample_mask(self.image_size, self.image_size, extra_rng,
-                                           self.mask_config)
+                                                  self.mask_config, boxes)
         return example
 
     def _batches(self, position: _Position, stats: dict):

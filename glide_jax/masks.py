@@ -1,13 +1,17 @@
 """Random inpainting masks for training.
 
 A mask is float32 (H, W, 1) with 1 = keep (the known pixels given to the model) and 0 = to be
-generated. Three kinds, drawn with configurable proportions (`MaskConfig`):
+generated. Four kinds, drawn with configurable proportions (`MaskConfig`):
 
   * "rect": one or more axis-aligned rectangular holes;
   * "brush": free-form brush strokes (random walks of thick line segments with round joints),
     like hand-drawn erasures;
   * "outpaint": everything is generated except one kept rectangle, which teaches extending an
-    image beyond its borders.
+    image beyond its borders;
+  * "object": a hole over one object's box, grown by a random margin on each side; only for
+    sources that know where their objects are (`object_boxes`). It teaches what a user does most
+    ("replace this object with ..."): the hole holds the whole object, so the caption's object that
+    is nowhere in view must be generated, once, inside it.
 
 Determinism: every mask is a pure function of the numpy Generator's state and the config; a
 mask consumes a fixed sequence of draws for its kind, so seeding the Generator (e.g. with
@@ -21,7 +25,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw
 
-MASK_KINDS = ("rect", "brush", "outpaint")
+MASK_KINDS = ("rect", "brush", "outpaint", "object")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,8 @@ class MaskConfig:
     brush_strokes, brush_vertices: strokes per mask and vertices per stroke.
     brush_width, brush_step: stroke thickness and segment length.
     keep_size: side range of the kept rectangle for "outpaint".
+    object_weight, object_margin: frequency of "object" holes and the range of the margin added
+      to each side of the object's box.
     """
     rect_weight: float = 0.4
     brush_weight: float = 0.4
@@ -44,13 +50,15 @@ class MaskConfig:
     brush_width: tuple[float, float] = (0.05, 0.15)
     brush_step: tuple[float, float] = (0.1, 0.35)
     keep_size: tuple[float, float] = (0.3, 0.7)
+    object_weight: float = 0.0
+    object_margin: tuple[float, float] = (0.0, 0.5)
 
     def __post_init__(self):
         weights = self.weights
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"MaskConfig weights must be >= 0 with a positive sum, got "
                              f"rect={self.rect_weight} brush={self.brush_weight} "
-                             f"outpaint={self.outpaint_weight}")
+                             f"outpaint={self.outpaint_weight} object={self.object_weight}")
         for name in ("rect_count", "brush_strokes", "brush_vertices"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
@@ -59,10 +67,13 @@ class MaskConfig:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"MaskConfig.{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {(lo, hi)}")
+        lo, hi = self.object_margin
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"MaskConfig.object_margin must be (lo, hi) with 0 <= lo <= hi <= 1, got {(lo, hi)}")
 
     @property
-    def weights(self) -> tuple[float, float, float]:
-        return (self.rect_weight, self.brush_weight, self.outpaint_weight)
+    def weights(self) -> tuple[float, float, float, float]:
+        return (self.rect_weight, self.brush_weight, self.outpaint_weight, self.object_weight)
 
 
 def _rect(height, width, rng, frac_range):
@@ -99,11 +110,30 @@ def _brush(height, width, rng, config):
     return np.asarray(canvas) > 0
 
 
+def _object_hole(height, width, rng, boxes, margin_range):
+    top, left, bottom, right = boxes[int(rng.integers(len(boxes)))]
+    grow = rng.uniform(*margin_range, size=4)
+    rows = np.arange(height)[:, None]
+    cols = np.arange(width)[None, :]
+    # Every pixel the grown box touches: the renderer antialiases, so edge pixels whose centres lie
+    # just outside the box still carry some of the object.
+    return ((rows + 1 > (top - grow[0]) * height) & (rows < (bottom + grow[2]) * height)
+            & (cols + 1 > (left - grow[1]) * width) & (cols < (right + grow[3]) * width))
+
+
 def sample_mask_and_kind(height: int, width: int, rng: np.random.Generator,
-                         config: MaskConfig = MaskConfig()) -> tuple[np.ndarray, str]:
-    """One mask (H, W, 1) float32, 1 = keep, and its kind ("rect", "brush" or "outpaint")."""
+                         config: MaskConfig = MaskConfig(),
+                         object_boxes: list[tuple[float, float, float, float]] | None = None
+                         ) -> tuple[np.ndarray, str]:
+    """One mask (H, W, 1) float32, 1 = keep, and its kind (one of `MASK_KINDS`).
+
+    `object_boxes`: (top, left, bottom, right) of each object in the image, as fractions of its
+    height and width; required when `config.object_weight` > 0."""
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {height}x{width}")
+    if config.object_weight > 0 and not object_boxes:
+        raise ValueError("MaskConfig.object_weight > 0 needs the objects' boxes, and none were given "
+                         "(only sources that know their objects, such as 'shapes', provide them)")
     weights = np.asarray(config.weights, dtype=np.float64)
     kind = MASK_KINDS[int(rng.choice(len(MASK_KINDS), p=weights / weights.sum()))]
     if kind == "rect":
@@ -114,17 +144,20 @@ def sample_mask_and_kind(height: int, width: int, rng: np.random.Generator,
         keep = ~hole
     elif kind == "brush":
         keep = ~_brush(height, width, rng, config)
-    else:
+    elif kind == "outpaint":
         keep = np.zeros((height, width), dtype=bool)
         t, l, b, r = _rect(height, width, rng, config.keep_size)
         keep[t:b, l:r] = True
+    else:
+        keep = ~_object_hole(height, width, rng, object_boxes, config.object_margin)
     return keep.astype(np.float32)[..., None], kind
 
 
 def sample_mask(height: int, width: int, rng: np.random.Generator,
-                config: MaskConfig = MaskConfig()) -> np.ndarray:
+                config: MaskConfig = MaskConfig(),
+                object_boxes: list[tuple[float, float, float, float]] | None = None) -> np.ndarray:
     """One mask (H, W, 1) float32, 1 = keep, 0 = to generate."""
-    return sample_mask_and_kind(height, width, rng, config)[0]
+    return sample_mask_and_kind(height, width, rng, config, object_boxes)[0]
 
 
 def sample_masks(batch_size: int, height: int, width: int, rng: np.random.Generator,

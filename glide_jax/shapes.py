@@ -90,6 +90,12 @@ class Shape:
     def name(self) -> str:
         return f"{self.colour} {self.kind}"
 
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(top, left, bottom, right) of the square the shape is drawn in, fractions of the side."""
+        (x, y), half = self.centre, self.size / 2
+        return (y - half, x - half, y + half, x + half)
+
 
 @dataclasses.dataclass(frozen=True)
 class SceneSpec:

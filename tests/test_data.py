@@ -2,6 +2,7 @@
 low-res degradation and inpainting masks."""
 
 import io
+import dataclasses
 import json
 import logging
 import tarfile
@@ -296,8 +297,9 @@ def test_mask_statistics_and_determinism():
         keep[kind].append(mask.mean())
     for kind, weight in zip(M.MASK_KINDS, cfg.weights):
         assert abs(kinds.count(kind) / len(kinds) - weight) < 0.04, kind
-    for kind, values in keep.items():   # every mask has something to keep and something to fill
-        assert 0 < min(values) and max(values) < 1, kind
+    assert keep["object"] == []   # weight 0
+    for kind in ("rect", "brush", "outpaint"):   # every mask has something to keep and something to fill
+        assert 0 < min(keep[kind]) and max(keep[kind]) < 1, kind
     lo, hi = cfg.keep_size
     assert lo**2 * 0.8 < min(keep["outpaint"]) and max(keep["outpaint"]) < hi**2 * 1.2
     assert 0.3 < np.mean(keep["rect"]) < 0.95 and 0.3 < np.mean(keep["brush"]) < 0.95
@@ -313,3 +315,49 @@ def test_mask_statistics_and_determinism():
         M.MaskConfig(rect_weight=0, brush_weight=0, outpaint_weight=0)
     with pytest.raises(ValueError, match="do not fit"):
         M.apply_mask(images, a[:, :8])
+
+
+def test_object_masks_hide_one_whole_object_of_a_shapes_scene():
+    source = D.ShapesSource(seed=5)
+    cfg = M.MaskConfig(rect_weight=0, brush_weight=0, outpaint_weight=0, object_weight=1,
+                       object_margin=(0.0, 0.2))
+    loader = D.DataLoader(source, batch_size=8, image_size=32, seed=1, prefetch=0, masks=cfg)
+    batch = next(loader)
+    loader.close()
+    pixel = (np.arange(32) + 0.5) / 32
+    for i, hole in enumerate(batch["inpaint_mask"][..., 0] == 0):
+        inside = []
+        for top, left, bottom, right in source.object_boxes(i, 0):
+            box = ((pixel[:, None] >= top) & (pixel[:, None] <= bottom)
+                   & (pixel[None, :] >= left) & (pixel[None, :] <= right))
+            reach = 0.2 + 1 / 32   # the margin, plus the pixels the box only touches
+            grown = ((pixel[:, None] >= top - reach) & (pixel[:, None] <= bottom + reach)
+                     & (pixel[None, :] >= left - reach) & (pixel[None, :] <= right + reach))
+            inside.append(bool(hole[box].all() and not hole[~grown].any()))
+        assert any(inside), i   # the hole is one object's box plus at most the margin
+        assert not hole.all()
+    # The objects' boxes are where the renderer draws: a pixel that does not touch any box is
+    # background, and the hole of an object mask with no margin covers exactly the pixels touching it.
+    no_margin = dataclasses.replace(cfg, object_margin=(0.0, 0.0))
+    for index in range(20):
+        image = source.scene(index, 0).render(32)
+        boxes = source.object_boxes(index, 0)
+        touched = np.zeros((32, 32), bool)
+        for top, left, bottom, right in boxes:
+            touched |= ((pixel[:, None] + 0.5 / 32 > top) & (pixel[:, None] - 0.5 / 32 < bottom)
+                        & (pixel[None, :] + 0.5 / 32 > left) & (pixel[None, :] - 0.5 / 32 < right))
+        background = image[~touched]
+        assert (background == background[0]).all(), index
+        holes = [M.sample_mask(32, 32, np.random.default_rng(k), no_margin, boxes)[..., 0] == 0 for k in range(6)]
+        assert (np.any(holes, axis=0) == touched).all(), index
+
+    with pytest.raises(ValueError, match="needs the objects' boxes"):
+        M.sample_mask(8, 8, np.random.default_rng(0), cfg)
+    with pytest.raises(ValueError, match="object_margin"):
+        M.MaskConfig(object_margin=(0.3, 0.1))
+
+
+def test_object_masks_are_refused_for_sources_without_objects(folder):
+    cfg = M.MaskConfig(object_weight=0.5)
+    with pytest.raises(D.DataError, match="object_weight is 0.5, but a FolderSource"):
+        D.DataLoader(D.FolderSource(folder), batch_size=2, image_size=8, masks=cfg)
