@@ -295,7 +295,7 @@ def _check_model(config, diffusion, sampler, dtype, *, super_res: bool) -> None:
     if not isinstance(diffusion, GaussianDiffusion):
         raise PipelineError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
     if not super_res and not diffusion.starts_from_noise:
-        raise PipelineError(f"the diffusion starts at timestep {int(diffusion.timestep_map[-1])}, not from pure noise "
+        raise PipelineError(f"the diffusion starts at timestep {diffusion.start_step}, not from pure noise "
                             f"(start_step): only an upsampler has an image (its low-res input) to start from")
     if sampler not in SAMPLERS:
         raise PipelineError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
