@@ -143,9 +143,28 @@ class TrainTask:
     image_size: int
 
 
+def draw_timesteps(example_keys: jax.Array, num_timesteps: int, high_noise_fraction: float = 0.0,
+                   high_noise_from: float = 0.95) -> jax.Array:
+    """One training timestep per example key [B]: uniform over the chain, except that
+    `high_noise_fraction` of the examples draw uniformly from timestep int(high_noise_from * T) on.
+    The uniform draw is the same with or without the high-noise option, so a fraction of 0
+    reproduces runs that predate it."""
+    start = min(int(high_noise_from * num_timesteps), num_timesteps - 1)
+
+    def one(key):
+        uniform = jax.random.randint(jax.random.fold_in(key, 0), (), 0, num_timesteps)
+        if high_noise_fraction <= 0.0:
+            return uniform
+        noisy = jax.random.randint(jax.random.fold_in(key, 3), (), start, num_timesteps)
+        return jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 4), high_noise_fraction), noisy, uniform)
+
+    return jax.vmap(one)(example_keys)
+
+
 def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: str = "float32",
                    caption_dropout: float = 0.2, empty_tokens=None, empty_mask=None,
-                   low_res_size: int | None = None, min_snr_gamma: float = 0.0) -> TrainTask:
+                   low_res_size: int | None = None, min_snr_gamma: float = 0.0,
+                   high_noise_fraction: float = 0.0, high_noise_from: float = 0.95) -> TrainTask:
     """Task for the GLIDE U-Net kinds (`base`, `upsample`, `inpaint`, `upsample_inpaint`).
 
     `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
@@ -157,6 +176,12 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     colours, which shape, where) is decided at high noise, whose x_0 errors the eps MSE scales down
     by SNR(t): the weighting shifts the gradient towards those steps. The vb term, which trains only
     the variances, is left as it is.
+
+    `high_noise_fraction` of the examples draw their timestep uniformly from the noisiest part of
+    the chain (from `high_noise_from` * T on) instead of from all of it (`draw_timesteps`). There
+    the image's mean colour is still hidden in the noise, so the text alone must decide it, yet the
+    eps target is almost x_t itself: a wrong mean costs so little loss, on so few of the uniform
+    draws, that a model can learn to copy the noise's mean instead of reading the caption.
     """
     from glide_jax.unet import GlideUNet, example_inputs
 
@@ -174,6 +199,10 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         raise ConfigError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     if not min_snr_gamma >= 0.0:
         raise ConfigError(f"min_snr_gamma must be >= 0 (0 = unweighted), got {min_snr_gamma}")
+    if not 0.0 <= high_noise_fraction <= 1.0:
+        raise ConfigError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
+    if not 0.0 <= high_noise_from < 1.0:
+        raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {high_noise_from}")
     snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
     mse_weights = (np.minimum(snr, min_snr_gamma) / snr if min_snr_gamma > 0 else np.ones_like(snr)).astype(np.float32)
     if config.has_text and caption_dropout > 0 and (empty_tokens is None or empty_mask is None):
@@ -211,10 +240,10 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         # batch), so splitting the batch into microbatches does not change them.
         k_examples, k_dropout = jax.random.split(key)
         example_keys = jax.vmap(jax.random.fold_in, (None, 0))(k_examples, rows)
-        draws = jax.vmap(lambda k: (jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_timesteps),
-                                    jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32),
+        draws = jax.vmap(lambda k: (jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32),
                                     jax.random.bernoulli(jax.random.fold_in(k, 2), caption_dropout)))
-        t, noise, drop = draws(example_keys)   # uniform timesteps [B], noise [B, H, W, 3], [B]
+        noise, drop = draws(example_keys)   # noise [B, H, W, 3], caption dropout [B]
+        t = draw_timesteps(example_keys, num_timesteps, high_noise_fraction, high_noise_from)
         # Dropout draws for the whole (micro)batch at once; distinct per microbatch.
         k_dropout = jax.random.fold_in(k_dropout, rows[0])
         x_t = diffusion.q_sample(x0, t, noise)

@@ -487,3 +487,49 @@ def test_min_snr_weighting_scales_only_the_eps_loss_by_min_snr_gamma_over_snr():
 
     with pytest.raises(ConfigError, match="min_snr_gamma must be >= 0"):
         training.diffusion_task(model, diffusion, "base", min_snr_gamma=-1.0, caption_dropout=0.0)
+
+
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_part_only():
+    import jax
+
+    from glide_jax import training
+
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), np.arange(4000))
+    uniform = np.asarray(training.draw_timesteps(keys, 1000))
+    assert uniform.min() < 50 and uniform.max() > 950 and abs(np.mean(uniform >= 950) - 0.05) < 0.015
+    mixed = np.asarray(training.draw_timesteps(keys, 1000, high_noise_fraction=0.3, high_noise_from=0.95))
+    # The examples not moved keep their uniform draw; the moved ones land in [950, 1000).
+    moved = mixed != uniform
+    assert np.all(mixed[moved] >= 950) and mixed.max() <= 999
+    assert abs(np.mean(mixed >= 950) - (0.3 + 0.7 * 0.05)) < 0.03
+    everything = np.asarray(training.draw_timesteps(keys, 1000, high_noise_fraction=1.0, high_noise_from=0.999))
+    assert np.all(everything == 999)
+
+
+def test_high_noise_option_leaves_the_loss_of_older_runs_unchanged_and_is_validated():
+    import jax
+
+    from glide_jax import training
+    from glide_jax.config import ConfigError, ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+    from train.run_config import RunConfig
+
+    model = ModelConfig.from_dict(TINY_MODEL)
+    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+             "tokens": rng.integers(0, 16, (4, 8)).astype(np.int32), "mask": np.ones((4, 8), bool)}
+    plain = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0)
+    off = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, high_noise_fraction=0.0,
+                                  high_noise_from=0.5)
+    on = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, high_noise_fraction=1.0,
+                                 high_noise_from=0.99)
+    params = plain.init(jax.random.key(0))
+    key = jax.random.key(3)
+    assert float(off.loss(params, batch, key)[0]) == float(plain.loss(params, batch, key)[0])
+    assert float(on.loss(params, batch, key)[0]) != float(plain.loss(params, batch, key)[0])
+
+    with pytest.raises(ConfigError, match="high_noise_fraction must be in"):
+        training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, high_noise_fraction=1.5)
+    with pytest.raises(ConfigError, match="high_noise_from must be in"):
+        RunConfig.from_dict({"model": TINY_MODEL, "high_noise_from": 1.0})

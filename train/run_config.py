@@ -97,6 +97,8 @@ class RunConfig:
     precision: str = "float32"    # compute dtype; params stay float32
     caption_dropout: float = 0.2
     min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps loss (see training.diffusion_task)
+    high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
+    high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
     ema_rate: float = 0.9999
     diffusion: DiffusionSection = DiffusionSection()
     tokenizer: TokenizerSection = TokenizerSection()
@@ -123,6 +125,10 @@ class RunConfig:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not self.min_snr_gamma >= 0.0:
             raise ConfigError(f"min_snr_gamma must be >= 0 (0 = GLIDE's unweighted loss), got {self.min_snr_gamma}")
+        if not 0.0 <= self.high_noise_fraction <= 1.0:
+            raise ConfigError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
+        if not 0.0 <= self.high_noise_from < 1.0:
+            raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {self.high_noise_from}")
         if not 0.0 <= self.ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must be in [0, 1], got {self.ema_rate}")
         b = self.batch

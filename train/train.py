@@ -197,7 +197,8 @@ class Trainer:
         return training.diffusion_task(
             mc, self.diffusion, cfg.model_kind, compute_dtype=cfg.precision,
             caption_dropout=cfg.caption_dropout, empty_tokens=empty_tokens, empty_mask=empty_mask,
-            low_res_size=self.low_res_size, min_snr_gamma=cfg.min_snr_gamma)
+            low_res_size=self.low_res_size, min_snr_gamma=cfg.min_snr_gamma,
+            high_noise_fraction=cfg.high_noise_fraction, high_noise_from=cfg.high_noise_from)
 
     @property
     def low_res_size(self) -> int | None:
