@@ -533,3 +533,21 @@ def test_high_noise_option_leaves_the_loss_of_older_runs_unchanged_and_is_valida
         training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, high_noise_fraction=1.5)
     with pytest.raises(ConfigError, match="high_noise_from must be in"):
         RunConfig.from_dict({"model": TINY_MODEL, "high_noise_from": 1.0})
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_names_the_holder(env, spm_model, workdir):
+    from train.train import EXIT_BUSY, lock_run_dir
+
+    run_dir = workdir / "busy"
+    config = write_config(workdir / "busy.json", run_config(spm_model, run_dir, train_steps=2))
+    held = lock_run_dir(run_dir)
+    try:
+        proc = subprocess.run(train_cmd(config), env=env, capture_output=True, text=True, timeout=600,
+                              cwd=PROJECT_ROOT)
+    finally:
+        held.close()
+    assert proc.returncode == EXIT_BUSY, proc.stderr[-4000:]
+    assert f"checkpoint.dir {run_dir} is in use by another training run (pid {os.getpid()}" in proc.stderr
+    assert not any(p.name.isdigit() for p in run_dir.iterdir())
+    # Released (as when its process ends, killed or not), the directory is free again.
+    lock_run_dir(run_dir).close()

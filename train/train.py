@@ -9,14 +9,17 @@ GLIDE_NUM_PROCESSES and GLIDE_PROCESS_ID set (see `glide_jax.parallel.initialize
 A run lives in `checkpoint.dir`: orbax checkpoints `<step>/` (train state + every process's data
 position + the run config), `metrics.jsonl`, and `samples/`. Started again with the same
 directory it resumes from the newest checkpoint: params, EMA, optimizer state, step, RNG and data
-position come back, so the run goes on as if it had never stopped. Exit codes: 0 done, 2 bad
-configuration, 3 non-finite loss (the last good checkpoint is kept).
+position come back, so the run goes on as if it had never stopped. One run at a time per directory:
+the first process holds `<checkpoint.dir>/lock` while it runs. Exit codes: 0 done, 2 bad
+configuration, 3 non-finite loss (the last good checkpoint is kept), 4 the directory is in use.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import logging
 import sys
 import time
@@ -29,6 +32,33 @@ log = logging.getLogger("glide_jax.train")
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_BUSY = 4
+
+
+class RunDirectoryBusy(Exception):
+    pass
+
+
+def lock_run_dir(run_dir: Path):
+    """Holds `run_dir/lock` for as long as the returned file stays open (the OS drops the lock when
+    the process dies, so a killed run leaves nothing stale behind). A second run on the same
+    directory would save its checkpoints over the first one's, each pruning the other's steps."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirectoryBusy(
+            f"checkpoint.dir {run_dir} is in use by another training run (pid {holder}, holding "
+            f"{run_dir / 'lock'}); two runs on one directory would overwrite each other's checkpoints")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _parse_args(argv):
@@ -59,6 +89,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunDirectoryBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BUSY
     try:
         trainer.run()
     except NonFiniteLossError as err:
@@ -82,6 +115,9 @@ class Trainer:
         from glide_jax.config import ConfigError
 
         self.cfg, self.raw = cfg, raw
+        self.run_dir = Path(cfg.checkpoint.dir).absolute()
+        # The primary process speaks for the run (the others may share its filesystem).
+        self.run_lock = lock_run_dir(self.run_dir) if jax.process_index() == 0 else None
         self.mesh = parallel.make_mesh(cfg.mesh.fsdp)
         devices = parallel.num_batch_shards(self.mesh)
         self.global_batch = cfg.batch.global_size or cfg.batch.per_device_size * devices
@@ -98,7 +134,6 @@ class Trainer:
         self.optimizer = training.make_optimizer(cfg.optimizer)
         self.shardings = training.state_shardings(self.task, self.optimizer, self.mesh, cfg.mesh.fsdp_min_size)
 
-        self.run_dir = Path(cfg.checkpoint.dir).absolute()
         self.manager = ocp.CheckpointManager(
             self.run_dir, options=ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.checkpoint.keep, create=True,
@@ -368,6 +403,9 @@ class Trainer:
         manager = getattr(self, "manager", None)
         if manager is not None:
             manager.close()
+        run_lock = getattr(self, "run_lock", None)
+        if run_lock is not None:
+            run_lock.close()
 
 
 def _tuples(options: dict) -> dict:
