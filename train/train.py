@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import logging
+import os
 import sys
 import time
 from pathlib import Path
