@@ -3,6 +3,7 @@
     python demo/export.py model --run out/demo_runs/base --out demo/base --tokenizer demo/tokenizer.model
     python demo/export.py model --run out/demo_runs/clip --out demo/clip
     python demo/export.py inpaint-init --run out/demo_runs/base --out out/demo_runs/inpaint_init
+    python demo/export.py add-attention --run out/demo_runs/base --resolutions 16,8 --out out/demo_runs/base16_init
 
 `model` takes the EMA params of the run's newest checkpoint, stores them as float16 (half the
 size of float32; `sample.generate` upcasts on load) with the model's config through
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,6 +101,65 @@ def inpaint_init(args) -> None:
     print(f"wrote {args.out}: base step {step}, input kernel {node[INPUT_CONV[-1]].shape}")
 
 
+LAYER_NAME = re.compile(r"(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)")
+
+
+def _blocks(unet_params: dict) -> dict[str, list[tuple[str, dict]]]:
+    """U-Net layers grouped by block (`input_blocks_3`, `middle_block`, ...), in order; every other
+    sub-module (embeddings, output head) is a block of its own."""
+    blocks: dict[str, list[tuple[int, str, dict]]] = {}
+    for name, sub in unet_params.items():
+        match = LAYER_NAME.fullmatch(name)
+        block, index = (match.group(1), int(match.group(2))) if match else (name, 0)
+        blocks.setdefault(block, []).append((index, name, sub))
+    return {block: [(name, sub) for _, name, sub in sorted(layers, key=lambda t: t[0])]
+            for block, layers in blocks.items()}
+
+
+def grow_attention(trained: dict, grown: dict) -> dict:
+    """`grown` (freshly initialised params of the same U-Net with attention at more resolutions)
+    with every trained layer copied in. Within a block, layers are matched in order by kind (the
+    names of their sub-modules), since an inserted attention layer shifts the index of the
+    upsampling layer after it; the layers only `grown` has must be attention layers and keep their
+    initialisation, whose zero output projection makes them identity maps."""
+    import jax
+
+    old_blocks, new_blocks = _blocks(trained["unet"]), _blocks(grown["unet"])
+    if set(old_blocks) - set(new_blocks):
+        raise SystemExit(f"error: the grown U-Net lacks {sorted(set(old_blocks) - set(new_blocks))}")
+    unet_params = dict(grown["unet"])
+    for block, new_layers in new_blocks.items():
+        pending = list(old_blocks.get(block, []))
+        for name, fresh in new_layers:
+            if pending and set(pending[0][1]) == set(fresh):
+                old_name, weights = pending.pop(0)
+                if jax.tree.map(np.shape, weights) != jax.tree.map(np.shape, fresh):
+                    raise SystemExit(f"error: unet/{old_name} -> unet/{name}: trained shapes "
+                                     f"{jax.tree.map(np.shape, weights)}, grown {jax.tree.map(np.shape, fresh)}")
+                unet_params[name] = weights
+            elif "qkv" not in fresh:
+                raise SystemExit(f"error: unet/{name} is new in the grown U-Net but is not an attention layer")
+        if pending:
+            raise SystemExit(f"error: trained layers {[n for n, _ in pending]} have no place in the grown U-Net")
+    return {**trained, "unet": unet_params}
+
+
+def add_attention(args) -> None:
+    import jax
+
+    from glide_jax import checkpoint, unet
+    from glide_jax.config import ModelConfig
+
+    step, raw, params = newest_run_state(Path(args.run).absolute())
+    config = model_config(raw)
+    config["attention_resolutions"] = args.resolutions
+    grown = unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed))
+    grown = grow_attention(params, jax.tree.map(np.asarray, grown))
+    checkpoint.save_model(Path(args.out), grown, config, overwrite=True)
+    added = unet.count_params(grown) - unet.count_params(params)
+    print(f"wrote {args.out}: base step {step}, attention at {args.resolutions}, {added} new params")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,8 +170,13 @@ def main(argv=None) -> int:
     i = sub.add_parser("inpaint-init")
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)
+    a = sub.add_parser("add-attention")
+    a.add_argument("--run", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--resolutions", required=True, help="attention resolutions of the grown model, e.g. 16,8")
+    a.add_argument("--seed", type=int, default=0, help="initialises the added attention layers")
     args = parser.parse_args(argv)
-    (export_model if args.command == "model" else inpaint_init)(args)
+    {"model": export_model, "inpaint-init": inpaint_init, "add-attention": add_attention}[args.command](args)
     return 0
 
 

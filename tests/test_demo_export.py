@@ -1,0 +1,72 @@
+"""demo/export.py's model surgery: the inpainting init and the attention growth keep the trained
+model's function exactly, so fine-tuning starts where training left off."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glide_jax import unet
+from glide_jax.config import ModelConfig
+
+from conftest import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT / "demo"))
+import export  # noqa: E402
+
+SMALL = dict(image_size=16, num_channels=16, num_res_blocks=1, channel_mult="1,2,2", num_head_channels=8,
+             text_ctx=6, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20, norm_groups=4)
+
+
+def outputs(config, params):
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    t = jnp.array([5, 500, 999])
+    tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, 20)
+    return unet.GlideUNet(config).apply({"params": params}, x, t, tokens, jnp.ones((3, 6), bool))
+
+
+def trained_like(config):
+    """Params with every leaf random (a freshly initialised attention block would be an identity map
+    whatever happens to it, which would hide a mix-up of layers)."""
+    params = unet.init_params(config, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    return jax.tree.unflatten(tree, [np.asarray(0.2 * jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+
+
+def test_added_attention_layers_start_as_identity_maps():
+    small = ModelConfig(attention_resolutions="4", **SMALL)
+    grown_config = ModelConfig(attention_resolutions="8,4", **SMALL)
+    trained = trained_like(small)
+    fresh = jax.tree.map(np.asarray, unet.init_params(grown_config, jax.random.key(7)))
+    grown = export.grow_attention(trained, fresh)
+
+    assert set(grown["unet"]) - set(trained["unet"]) == {"input_blocks_3_1", "output_blocks_2_1", "output_blocks_3_2"}
+    # In the 8 px level's last output block the new attention takes the upsampling layer's index,
+    # and the upsampling layer moves on by one with its trained weights.
+    for name in ("input_blocks_3_1", "output_blocks_2_1", "output_blocks_3_1"):
+        assert set(grown["unet"][name]) == {"norm", "qkv", "encoder_kv", "proj_out"}
+    np.testing.assert_array_equal(grown["unet"]["output_blocks_3_2"]["in_conv"]["kernel"],
+                                  trained["unet"]["output_blocks_3_1"]["in_conv"]["kernel"])
+    np.testing.assert_array_equal(outputs(small, trained), outputs(grown_config, grown))
+    # Not trivially so: the grown model, given its own fresh weights, computes something else.
+    assert not np.allclose(outputs(small, trained), outputs(grown_config, fresh), atol=1e-3)
+
+
+def test_growing_refuses_a_model_that_loses_layers():
+    with_attention = ModelConfig(attention_resolutions="8,4", **SMALL)
+    without = ModelConfig(attention_resolutions="4", **SMALL)
+    trained = trained_like(with_attention)
+    fresh = jax.tree.map(np.asarray, unet.init_params(without, jax.random.key(7)))
+    with pytest.raises(SystemExit, match="have no place in the grown U-Net"):
+        export.grow_attention(trained, fresh)
+
+
+def test_growing_refuses_a_model_of_another_width():
+    trained = trained_like(ModelConfig(attention_resolutions="4", **SMALL))
+    wider = ModelConfig(attention_resolutions="8,4", **dict(SMALL, num_channels=32))
+    fresh = jax.tree.map(np.asarray, unet.init_params(wider, jax.random.key(7)))
+    with pytest.raises(SystemExit, match="trained shapes"):
+        export.grow_attention(trained, fresh)
