@@ -3,7 +3,7 @@
     python demo/export.py model --run out/demo_runs/base --out demo/base --tokenizer demo/tokenizer.model
     python demo/export.py model --run out/demo_runs/clip --out demo/clip
     python demo/export.py inpaint-init --run out/demo_runs/base --out out/demo_runs/inpaint_init
-    python demo/export.py add-attention --run out/demo_runs/base --resolutions 16,8 --out out/demo_runs/base16_init
+    python demo/export.py grow --run out/demo_runs/base --attention-resolutions 16,8 --out out/demo_runs/base16_init
 
 `model` takes the EMA params of the run's newest checkpoint, stores them as float16 (half the
 size of float32; `sample.generate` upcasts on load) with the model's config through
@@ -144,20 +144,52 @@ def grow_attention(trained: dict, grown: dict) -> dict:
     return {**trained, "unet": unet_params}
 
 
-def add_attention(args) -> None:
+def grow_text_layers(trained: dict, grown: dict) -> dict:
+    """`grown` (freshly initialised text-transformer params with more layers) with every trained
+    layer copied in; the added layers' attention and MLP output projections are zeroed, which makes
+    each of them an identity map on the residual stream."""
+    import jax
+
+    out = dict(grown)
+    for name, weights in trained.items():
+        if name not in grown or jax.tree.map(np.shape, weights) != jax.tree.map(np.shape, grown[name]):
+            raise SystemExit(f"error: text_encoder/{name}: trained shapes {jax.tree.map(np.shape, weights)}, grown "
+                             f"{jax.tree.map(np.shape, grown.get(name))}")
+        out[name] = weights
+    for name in sorted(set(grown) - set(trained)):
+        if not re.fullmatch(r"resblocks_\d+", name):
+            raise SystemExit(f"error: text_encoder/{name} is new in the grown model but is not a transformer layer")
+        layer = {**grown[name], "attn": dict(grown[name]["attn"]), "mlp": dict(grown[name]["mlp"])}
+        for branch in ("attn", "mlp"):
+            layer[branch]["c_proj"] = jax.tree.map(np.zeros_like, grown[name][branch]["c_proj"])
+        out[name] = layer
+    return out
+
+
+def grow(args) -> None:
     import jax
 
     from glide_jax import checkpoint, unet
     from glide_jax.config import ModelConfig
 
+    if not args.attention_resolutions and not args.text_layers:
+        raise SystemExit("error: grow needs --attention-resolutions and/or --text-layers")
     step, raw, params = newest_run_state(Path(args.run).absolute())
     config = model_config(raw)
-    config["attention_resolutions"] = args.resolutions
-    grown = unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed))
-    grown = grow_attention(params, jax.tree.map(np.asarray, grown))
+    if args.attention_resolutions:
+        config["attention_resolutions"] = args.attention_resolutions
+    if args.text_layers:
+        if args.text_layers < config["xf_layers"]:
+            raise SystemExit(f"error: --text-layers {args.text_layers} is fewer than the trained {config['xf_layers']}")
+        config["xf_layers"] = args.text_layers
+    fresh = jax.tree.map(np.asarray, unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed)))
+    grown = grow_attention(params, fresh)
+    if "text_encoder" in params:
+        grown["text_encoder"] = grow_text_layers(params["text_encoder"], fresh["text_encoder"])
     checkpoint.save_model(Path(args.out), grown, config, overwrite=True)
     added = unet.count_params(grown) - unet.count_params(params)
-    print(f"wrote {args.out}: base step {step}, attention at {args.resolutions}, {added} new params")
+    print(f"wrote {args.out}: step {step}, attention at {config['attention_resolutions']}, "
+          f"{config['xf_layers']} text layers, {added} new params")
 
 
 def main(argv=None) -> int:
@@ -170,13 +202,14 @@ def main(argv=None) -> int:
     i = sub.add_parser("inpaint-init")
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)
-    a = sub.add_parser("add-attention")
-    a.add_argument("--run", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--resolutions", required=True, help="attention resolutions of the grown model, e.g. 16,8")
-    a.add_argument("--seed", type=int, default=0, help="initialises the added attention layers")
+    g = sub.add_parser("grow")
+    g.add_argument("--run", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--attention-resolutions", help="U-Net attention resolutions of the grown model, e.g. 16,8")
+    g.add_argument("--text-layers", type=int, help="text-transformer layers of the grown model")
+    g.add_argument("--seed", type=int, default=0, help="initialises the added layers")
     args = parser.parse_args(argv)
-    {"model": export_model, "inpaint-init": inpaint_init, "add-attention": add_attention}[args.command](args)
+    {"model": export_model, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)
     return 0
 
 

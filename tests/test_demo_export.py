@@ -1,5 +1,5 @@
-"""demo/export.py's model surgery: the inpainting init and the attention growth keep the trained
-model's function exactly, so fine-tuning starts where training left off."""
+"""demo/export.py's model growth: added U-Net attention blocks and text-transformer layers keep the
+trained model's function exactly, so training continues where it left off."""
 
 import sys
 
@@ -70,3 +70,26 @@ def test_growing_refuses_a_model_of_another_width():
     fresh = jax.tree.map(np.asarray, unet.init_params(wider, jax.random.key(7)))
     with pytest.raises(SystemExit, match="trained shapes"):
         export.grow_attention(trained, fresh)
+
+
+def test_added_text_layers_start_as_identity_maps():
+    small = ModelConfig(attention_resolutions="4", **SMALL)
+    deeper = ModelConfig(attention_resolutions="4", **dict(SMALL, xf_layers=3))
+    trained = trained_like(small)
+    fresh = jax.tree.map(np.asarray, unet.init_params(deeper, jax.random.key(7)))
+    grown_text = export.grow_text_layers(trained["text_encoder"], fresh["text_encoder"])
+    assert set(grown_text) - set(trained["text_encoder"]) == {"resblocks_1", "resblocks_2"}
+    # Only the output projections are zeroed: the new layers' other weights can still learn.
+    assert np.any(grown_text["resblocks_1"]["attn"]["c_qkv"]["kernel"])
+    grown = {**trained, "text_encoder": grown_text}
+    np.testing.assert_array_equal(outputs(small, trained), outputs(deeper, grown))
+    assert not np.allclose(outputs(small, trained), outputs(deeper, {**trained, "text_encoder": fresh["text_encoder"]}),
+                           atol=1e-3)
+
+
+def test_growing_text_refuses_another_width():
+    trained = trained_like(ModelConfig(attention_resolutions="4", **SMALL))
+    wider = ModelConfig(attention_resolutions="4", **dict(SMALL, xf_width=32, xf_layers=2))
+    fresh = jax.tree.map(np.asarray, unet.init_params(wider, jax.random.key(7)))
+    with pytest.raises(SystemExit, match="text_encoder/.*trained shapes"):
+        export.grow_text_layers(trained["text_encoder"], fresh["text_encoder"])
