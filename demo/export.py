@@ -1,4 +1,4 @@
-"""Turn a `train.train` run into a bundled demo model, or seed the inpainting run from the base.
+"""Turn a `train.train` run into a bundled demo model, seed the inpainting run from the base, or grow a model.
 
     python demo/export.py model --run out/demo_runs/base --out demo/base --tokenizer demo/tokenizer.model
     python demo/export.py model --run out/demo_runs/clip --out demo/clip
