@@ -116,14 +116,22 @@ def _blocks(unet_params: dict) -> dict[str, list[tuple[str, dict]]]:
             for block, layers in blocks.items()}
 
 
+def _check_fits(trained: dict, fresh: dict, where: str) -> None:
+    from glide_jax.config import ConfigError
+    from glide_jax.training import check_params_match
+
+    try:
+        check_params_match(fresh, trained, source="trained params")
+    except ConfigError as err:
+        raise SystemExit(f"error: {where}: trained shapes do not fit the grown model: {err}") from None
+
+
 def grow_attention(trained: dict, grown: dict) -> dict:
     """`grown` (freshly initialised params of the same U-Net with attention at more resolutions)
     with every trained layer copied in. Within a block, layers are matched in order by kind (the
     names of their sub-modules), since an inserted attention layer shifts the index of the
     upsampling layer after it; the layers only `grown` has must be attention layers and keep their
     initialisation, whose zero output projection makes them identity maps."""
-    import jax
-
     old_blocks, new_blocks = _blocks(trained["unet"]), _blocks(grown["unet"])
     if set(old_blocks) - set(new_blocks):
         raise SystemExit(f"error: the grown U-Net lacks {sorted(set(old_blocks) - set(new_blocks))}")
@@ -133,9 +141,7 @@ def grow_attention(trained: dict, grown: dict) -> dict:
         for name, fresh in new_layers:
             if pending and set(pending[0][1]) == set(fresh):
                 old_name, weights = pending.pop(0)
-                if jax.tree.map(np.shape, weights) != jax.tree.map(np.shape, fresh):
-                    raise SystemExit(f"error: unet/{old_name} -> unet/{name}: trained shapes "
-                                     f"{jax.tree.map(np.shape, weights)}, grown {jax.tree.map(np.shape, fresh)}")
+                _check_fits(weights, fresh, f"unet/{old_name} -> unet/{name}")
                 unet_params[name] = weights
             elif "qkv" not in fresh:
                 raise SystemExit(f"error: unet/{name} is new in the grown U-Net but is not an attention layer")
@@ -152,9 +158,7 @@ def grow_text_layers(trained: dict, grown: dict) -> dict:
 
     out = dict(grown)
     for name, weights in trained.items():
-        if name not in grown or jax.tree.map(np.shape, weights) != jax.tree.map(np.shape, grown[name]):
-            raise SystemExit(f"error: text_encoder/{name}: trained shapes {jax.tree.map(np.shape, weights)}, grown "
-                             f"{jax.tree.map(np.shape, grown.get(name))}")
+        _check_fits(weights, grown.get(name, {}), f"text_encoder/{name}")
         out[name] = weights
     for name in sorted(set(grown) - set(trained)):
         if not re.fullmatch(r"resblocks_\d+", name):
