@@ -551,3 +551,44 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_names_the_holder(env,
     assert not any(p.name.isdigit() for p in run_dir.iterdir())
     # Released (as when its process ends, killed or not), the directory is free again.
     lock_run_dir(run_dir).close()
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_ema_is_the_bias_corrected_average_of_the_run_s_params_or_the_plain_one(debias):
+    import jax
+
+    from glide_jax import parallel, training
+    from glide_jax.config import ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    task = training.diffusion_task(ModelConfig.from_dict(TINY_MODEL), GaussianDiffusion.create("linear", 100), "base",
+                                   empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))
+    optimizer = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    shardings = training.state_shardings(task, optimizer, mesh)
+    state = training.create_train_state(task, optimizer, jax.random.key(3), mesh)
+    rate = 0.8
+    step = training.make_train_step(task, optimizer, mesh, shardings, ema_rate=rate, ema_debias=debias, donate=False)
+    rng = np.random.default_rng(0)
+    batch = parallel.shard_batch({"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+                                  "tokens": rng.integers(2, 40, (4, 8)).astype(np.int32),
+                                  "mask": np.ones((4, 8), bool)}, mesh)
+    trajectory = [parallel.to_host(state.params)]
+    for _ in range(4):
+        state, _ = step(state, batch)
+        trajectory.append(parallel.to_host(state.params))
+    n = len(trajectory) - 1
+    weights = [(1 - rate) * rate ** (n - k) for k in range(1, n + 1)]
+    if debias:      # the starting params (random here) have no weight at all
+        weights = [0.0] + [w / (1 - rate ** n) for w in weights]
+    else:
+        weights = [rate ** n] + weights
+    assert sum(weights) == pytest.approx(1.0)
+    expected = jax.tree.map(lambda *ps: sum(w * p for w, p in zip(weights, ps)), *trajectory)
+    got = parallel.to_host(state.ema_params)
+    assert_trees_close(expected, got, 1e-6, "EMA")
+    # Not vacuous: the starting params are far from the run's average.
+    with pytest.raises(AssertionError):
+        assert_trees_close(trajectory[0], got, 1e-3, "EMA against the starting params")
+    assert float(training.ema_step_rate(rate, 1)) == 0.0
+    assert float(training.ema_step_rate(rate, 10_000)) == pytest.approx(rate)

@@ -100,6 +100,7 @@ class RunConfig:
     high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
     high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
     ema_rate: float = 0.9999
+    ema_debias: bool = True       # average only this run's params (see training.make_train_step)
     diffusion: DiffusionSection = DiffusionSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()

@@ -153,7 +153,7 @@ class Trainer:
                 fsdp_min_size=cfg.mesh.fsdp_min_size)
         self.loader = self._loader(data_states[jax.process_index()] if data_states else None)
         self.train_step = training.make_train_step(
-            self.task, self.optimizer, self.mesh, self.shardings, ema_rate=cfg.ema_rate,
+            self.task, self.optimizer, self.mesh, self.shardings, ema_rate=cfg.ema_rate, ema_debias=cfg.ema_debias,
             grad_accum=cfg.batch.grad_accum, lr_schedule=self.lr_schedule)
         self.metrics_path = Path(cfg.log.metrics_file) if cfg.log.metrics_file else self.run_dir / "metrics.jsonl"
         self.sampler = None
