@@ -12,7 +12,7 @@ function of `(seed, epoch, host_index, host_count)` and cheap to recompute. The 
 position is `(epoch, records consumed in this epoch)`; `DataLoader.state()` returns it as a
 JSON-able dict and `DataLoader(..., state=...)` / `restore(state)` continues the stream exactly
 where it stopped: the batches after a resume are identical to the uninterrupted run's, with or
-without the prefetch thread.
+without the prefetch thread and for any number of worker processes.
 
 Records that cannot be used (a corrupt image, an image without caption, a caption without
 image) are skipped, counted in `DataLoader.stats` (and in the saved state) and logged; they never
@@ -41,7 +41,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import collections
+import concurrent.futures
 import logging
+import multiprocessing
 import queue
 import tarfile
 import threading
@@ -72,6 +75,9 @@ class SkipExample(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):   # keeps both fields when a worker process sends it back
+        return SkipExample, (self.reason, self.detail)
 
 
 # -- image preprocessing -----------------------------------------------------------------------
@@ -497,6 +503,58 @@ def shuffle_buffer_order(indices: np.ndarray, buffer_size: int, rng: np.random.G
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _ExampleMaker:
+    """Turns a record position into a training example; picklable, so worker processes can
+    run it. Everything it draws comes from generators seeded by the position alone, so where
+    it runs never changes the example."""
+
+    source: Source
+    image_size: int
+    seed: int
+    low_res_size: int | None
+    degradation: Degradation
+    mask_config: MaskConfig | None
+
+    def __call__(self, index: int, epoch: int) -> dict:
+        rng = _example_rng(self.seed, epoch, index, 0)
+        image, caption = self.source.load(index, epoch, self.image_size, rng)
+        if isinstance(image, Image.Image):
+            pixels = resize_and_crop(image, self.image_size)
+        else:
+            pixels = np.asarray(image)
+            if pixels.shape != (self.image_size, self.image_size, 3):
+                pixels = resize_and_crop(Image.fromarray(pixels), self.image_size)
+        example = {"images": to_float(pixels), "captions": caption}
+        extra_rng = _example_rng(self.seed, epoch, index, 1)
+        if self.low_res_size is not None:
+            factor = self.image_size // self.low_res_size
+            example["low_res"] = degrade_low_res(example["images"], factor, extra_rng, self.degradation)
+        if self.mask_config is not None:
+            boxes = self.source.object_boxes(index, epoch) if self.mask_config.object_weight > 0 else None
+            example["inpaint_mask"] = sample_mask(self.image_size, self.image_size, extra_rng,
+                                                  self.mask_config, boxes)
+        return example
+
+    def try_make(self, index: int, epoch: int) -> dict | SkipExample:
+        try:
+            return self(index, epoch)
+        except SkipExample as skip:
+            return skip
+
+
+_WORKER_MAKER: _ExampleMaker | None = None
+
+
+def _worker_init(maker: _ExampleMaker) -> None:
+    global _WORKER_MAKER
+    _WORKER_MAKER = maker
+
+
+def _worker_make(chunk: list[tuple[int, int]]) -> list:
+    return [_WORKER_MAKER.try_make(index, epoch) for index, epoch in chunk]
+
+
 class DataLoader:
     """Endless iterator of fixed-size batches from a `Source`; see the module docstring.
 
@@ -510,6 +568,9 @@ class DataLoader:
       host_index, host_count: this host's share is every `host_count`-th record of the epoch
         order starting at `host_index`, so hosts see disjoint records and together all.
       prefetch: batches prepared ahead by a background thread (0: synchronous).
+      workers: processes that decode and augment examples (0: the loading thread does it).
+        A single thread can feed a few thousand small images a second, fewer large decoded
+        ones, which an accelerator outruns. The batches are the same for any number.
       state: a `state()` dict to resume from.
       low_res_size, degradation: add batch["low_res"] (float32 [-1, 1], side `low_res_size`,
         which must divide `image_size`) made by `degrade_low_res`.
@@ -523,7 +584,8 @@ class DataLoader:
     def __init__(self, source: Source, *, batch_size: int, image_size: int, seed: int = 0,
                  shuffle_buffer: int = 1000, host_index: int = 0, host_count: int = 1,
                  prefetch: int = 2, state: dict | None = None, low_res_size: int | None = None,
-                 degradation: Degradation = Degradation(), masks: MaskConfig | None = None):
+                 degradation: Degradation = Degradation(), masks: MaskConfig | None = None,
+                 workers: int = 0):
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if image_size <= 0:
@@ -532,6 +594,8 @@ class DataLoader:
             raise DataError(f"need 0 <= host_index < host_count, got {host_index} and {host_count}")
         if len(source) < host_count:
             raise DataError(f"source has {len(source)} records, fewer than host_count={host_count}")
+        if workers < 0:
+            raise DataError(f"workers must be >= 0, got {workers}")
         if low_res_size is not None and (low_res_size <= 0 or image_size % low_res_size):
             raise DataError(f"low_res_size {low_res_size} must divide image_size {image_size}")
         if masks is not None and masks.object_weight > 0 and type(source).object_boxes is Source.object_boxes:
@@ -541,8 +605,10 @@ class DataLoader:
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
         self.host_index, self.host_count = int(host_index), int(host_count)
-        self.prefetch = int(prefetch)
+        self.prefetch, self.workers = int(prefetch), int(workers)
         self.low_res_size, self.degradation, self.mask_config = low_res_size, degradation, masks
+        self._maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks)
+        self._pool = None
         self._fingerprint = source.fingerprint()
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._position = _Position(0, 0)              # after the last batch returned
@@ -618,55 +684,62 @@ class DataLoader:
 
     # -- production -----------------------------------------------------------------------------
 
-    def _examples(self, position: _Position, stats: dict):
-        """Yields (example dict, position after it) from `position` on; updates `stats`."""
+    def _positions(self, position: _Position):
+        """(record index, epoch, offset after it) of every record from `position` on."""
         epoch, offset = position.epoch, position.offset
         while True:
             order = self.epoch_order(epoch)
-            used_this_epoch = 0
-            while offset < len(order):
-                index = int(order[offset])
-                offset += 1
-                try:
-                    example = self._load(index, epoch, offset - 1)
-                except SkipExample as skip:
-                    count = stats["skipped"].get(skip.reason, 0) + 1
-                    stats["skipped"][skip.reason] = count
-                    # A broken data set must not flood the log: every skip up to ten per
-                    # reason, then every thousandth (the counts stay exact in `stats`).
-                    level = logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG
-                    log.log(level, "skipping record %d of %s (%s #%d): %s", index,
-                            self._fingerprint, skip.reason, count, skip.detail)
-                    continue
-                used_this_epoch += 1
-                stats["examples"] += 1
-                yield example, _Position(epoch, offset)
-            if used_this_epoch == 0 and position.offset == 0:
-                raise DataError(f"no usable record for host {self.host_index} in epoch {epoch} of "
-                                f"{self._fingerprint}; skipped: {stats['skipped']}")
+            for at in range(offset, len(order)):
+                yield int(order[at]), epoch, at + 1
             epoch, offset = epoch + 1, 0
-            position = _Position(epoch, 0)
 
-    def _load(self, index: int, epoch: int, offset: int) -> dict:
-        rng = _example_rng(self.seed, epoch, index, 0)
-        image, caption = self.source.load(index, epoch, self.image_size, rng)
-        if isinstance(image, Image.Image):
-            pixels = resize_and_crop(image, self.image_size)
-        else:
-            pixels = np.asarray(image)
-            if pixels.shape != (self.image_size, self.image_size, 3):
-                pixels = resize_and_crop(Image.fromarray(pixels), self.image_size)
-        example = {"images": to_float(pixels), "captions": caption}
-        extra_rng = _example_rng(self.seed, epoch, index, 1)
-        if self.low_res_size is not None:
-            factor = self.image_size // self.low_res_size
-            example["low_res"] = degrade_low_res(example["images"], factor, extra_rng,
-                                                 self.degradation)
-        if self.mask_config is not None:
-            boxes = self.source.object_boxes(index, epoch) if self.mask_config.object_weight > 0 else None
-            example["inpaint_mask"] = sample_mask(self.image_size, self.image_size, extra_rng,
-                                                  self.mask_config, boxes)
-        return example
+    def _made(self, position: _Position):
+        """Yields (example or SkipExample, record index, epoch, offset after it) in stream order."""
+        if self._pool is None:
+            for index, epoch, after in self._positions(position):
+                yield self._maker.try_make(index, epoch), index, epoch, after
+            return
+        # Bounded look-ahead: the stream is endless, so never hand the pool more than a few
+        # chunks per worker; results are taken in submission order.
+        chunk_size, ahead = 8, 4 * self.workers
+        positions = self._positions(position)
+        pending = collections.deque()
+        while True:
+            while len(pending) < ahead:
+                chunk = [next(positions) for _ in range(chunk_size)]
+                pending.append((chunk, self._pool.submit(_worker_make, [(i, e) for i, e, _ in chunk])))
+            chunk, future = pending.popleft()
+            try:
+                made_chunk = future.result()
+            except concurrent.futures.process.BrokenProcessPool as err:
+                raise DataError(f"a data worker process died ({err}); with workers > 0 the program must be "
+                                "importable by a fresh interpreter (run from a file, not stdin), or use "
+                                "workers=0") from err
+            for (index, epoch, after), made in zip(chunk, made_chunk):
+                yield made, index, epoch, after
+
+    def _examples(self, position: _Position, stats: dict):
+        """Yields (example dict, position after it) from `position` on; updates `stats`."""
+        epoch, used_this_epoch = position.epoch, 0
+        whole_epoch = position.offset == 0     # a resumed epoch may have no usable record left
+        for made, index, made_epoch, after in self._made(position):
+            if made_epoch != epoch:
+                if used_this_epoch == 0 and whole_epoch:
+                    raise DataError(f"no usable record for host {self.host_index} in epoch {epoch} of "
+                                    f"{self._fingerprint}; skipped: {stats['skipped']}")
+                epoch, used_this_epoch, whole_epoch = made_epoch, 0, True
+            if isinstance(made, SkipExample):
+                count = stats["skipped"].get(made.reason, 0) + 1
+                stats["skipped"][made.reason] = count
+                # A broken data set must not flood the log: every skip up to ten per
+                # reason, then every thousandth (the counts stay exact in `stats`).
+                level = logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG
+                log.log(level, "skipping record %d of %s (%s #%d): %s", index, self._fingerprint,
+                        made.reason, count, made.detail)
+                continue
+            used_this_epoch += 1
+            stats["examples"] += 1
+            yield made, _Position(made_epoch, after)
 
     def _batches(self, position: _Position, stats: dict):
         """Yields (batch, position after it, stats snapshot) forever."""
@@ -699,6 +772,12 @@ class DataLoader:
             q.put(e)
 
     def _start(self):
+        if self.workers > 0:
+            # Not fork: this process may already run JAX's threads.
+            # A pool (unlike multiprocessing.Pool) fails instead of respawning a dying worker forever.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(self._maker,))
         position = _Position(self._position.epoch, self._position.offset)
         stats = {"examples": self._stats["examples"], "skipped": dict(self._stats["skipped"])}
         if self.prefetch <= 0:
@@ -720,6 +799,9 @@ class DataLoader:
                 except queue.Empty:
                     pass
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         self._queue = None
         self._sync = None
 

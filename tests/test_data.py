@@ -5,6 +5,8 @@ import io
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -201,13 +203,14 @@ def test_hosts_see_disjoint_records_covering_the_epoch(folder):
         D.DataLoader(source, batch_size=1, image_size=8, host_index=3, host_count=3)
 
 
-@pytest.mark.parametrize("stop_at", [1, 4, 7])
-def test_resume_yields_exactly_the_uninterrupted_batches(folder, stop_at):
+@pytest.mark.parametrize("stop_at,workers", [(1, 0), (4, 0), (7, 0), (4, 2)])
+def test_resume_yields_exactly_the_uninterrupted_batches(folder, stop_at, workers):
     source = D.FolderSource(folder)
     kwargs = dict(batch_size=3, image_size=8, seed=9, shuffle_buffer=5, prefetch=3,
                   low_res_size=4, masks=M.MaskConfig(),
                   degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
-    reference = D.DataLoader(source, **kwargs)
+    reference = D.DataLoader(source, **dict(kwargs, workers=0))
+    kwargs["workers"] = workers
     expected = [next(reference) for _ in range(12)]   # spans several epochs of 13 records
     reference.close()
 
@@ -248,12 +251,47 @@ def test_restore_rejects_a_state_from_another_stream(folder):
                      state={k: v for k, v in state.items() if k != "offset"})
 
 
-def test_a_source_with_no_usable_record_fails_clearly(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_source_with_no_usable_record_fails_clearly(tmp_path, workers):
     (tmp_path / "a.png").write_bytes(b"not a png")
     (tmp_path / "a.txt").write_text("x")
-    loader = D.DataLoader(D.FolderSource(tmp_path), batch_size=1, image_size=8, prefetch=2)
+    loader = D.DataLoader(D.FolderSource(tmp_path), batch_size=1, image_size=8, prefetch=2, workers=workers)
     with pytest.raises(D.DataError, match="no usable record"):
         next(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_worker_processes_give_the_same_batches_skips_and_positions(folder, prefetch):
+    source = D.FolderSource(folder)   # holds unusable records, so skips cross the processes too
+    kwargs = dict(batch_size=4, image_size=8, seed=5, shuffle_buffer=4, prefetch=prefetch, low_res_size=4,
+                  masks=M.MaskConfig(), degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
+    inline, pooled = D.DataLoader(source, **kwargs), D.DataLoader(source, workers=3, **kwargs)
+    shapes = [D.DataLoader(D.ShapesSource(seed=2, epoch_size=7), batch_size=3, image_size=8, seed=1, workers=w,
+                           masks=M.MaskConfig(object_weight=1.0)) for w in (0, 2)]
+    for _ in range(10):   # several epochs of 13 and of 7 records
+        want, got = next(inline), next(pooled)
+        assert got["captions"] == want["captions"]
+        for key in ("images", "low_res", "inpaint_mask"):
+            assert np.array_equal(got[key], want[key]), key
+        assert pooled.state() == inline.state()
+        want, got = next(shapes[0]), next(shapes[1])
+        assert got["captions"] == want["captions"]
+        assert np.array_equal(got["images"], want["images"]) and np.array_equal(got["inpaint_mask"], want["inpaint_mask"])
+    assert pooled.stats == inline.stats and sum(pooled.stats["skipped"].values()) > 0
+    for loader in (inline, pooled, *shapes):
+        loader.close()
+    with pytest.raises(D.DataError, match="workers must be >= 0"):
+        D.DataLoader(source, batch_size=2, image_size=8, workers=-1)
+
+
+def test_workers_that_cannot_start_give_an_error_not_a_hang():
+    # A program read from stdin cannot be re-imported by a spawned worker, so every worker dies.
+    program = ("from glide_jax.data import DataLoader, DataError, ShapesSource\n"
+               "loader = DataLoader(ShapesSource(), batch_size=2, image_size=8, workers=1)\n"
+               "try:\n    next(loader)\nexcept DataError as err:\n    print('refused:', err)\n")
+    done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=120)
+    assert "refused: a data worker process died" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_degrade_low_res():

@@ -43,6 +43,7 @@ class DataSection:
     seed: int = -1                # -1: the run's seed
     shuffle_buffer: int = 1000
     prefetch: int = 2
+    workers: int = 0              # processes making examples (see glide_jax.data.DataLoader)
     low_res_size: int = 0         # upsampler input side; 0 = image_size // 4
     degradation: dict = dataclasses.field(default_factory=dict)   # glide_jax.data.Degradation fields
     masks: dict = dataclasses.field(default_factory=dict)         # glide_jax.masks.MaskConfig fields

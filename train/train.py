@@ -257,7 +257,7 @@ class Trainer:
                 source, batch_size=batch_size or self.local_batch, image_size=self.task.image_size,
                 seed=(section.seed if section.seed >= 0 else self.cfg.seed) + seed_offset,
                 shuffle_buffer=section.shuffle_buffer,
-                prefetch=section.prefetch if prefetch is None else prefetch,
+                prefetch=section.prefetch if prefetch is None else prefetch, workers=section.workers,
                 host_index=jax.process_index(), host_count=jax.process_count(), state=state,
                 low_res_size=self.low_res_size, degradation=degradation, masks=mask_config)
         except (data.DataError, TypeError, ValueError) as err:
