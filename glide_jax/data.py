@@ -38,11 +38,11 @@ Typical use::
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
-import collections
-import concurrent.futures
 import logging
 import multiprocessing
 import queue
@@ -773,8 +773,8 @@ class DataLoader:
 
     def _start(self):
         if self.workers > 0:
-            # Not fork: this process may already run JAX's threads.
-            # A pool (unlike multiprocessing.Pool) fails instead of respawning a dying worker forever.
+            # Spawned, not forked, as this process may already run JAX's threads; an executor, as it
+            # fails where multiprocessing.Pool would respawn a dying worker forever.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init, initargs=(self._maker,))
