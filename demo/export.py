@@ -81,11 +81,9 @@ def export_model(args) -> None:
     print(f"wrote {out}: step {step}, {sum(a.size for a in jax.tree.leaves(half))} params")
 
 
-def inpaint_init(args) -> None:
-    from glide_jax import checkpoint
-
-    step, raw, params = newest_run_state(Path(args.run).absolute())
-    config = model_config(raw)
+def widen_for_inpainting(params: dict) -> dict:
+    """The base's params with the input convolution widened from 3 to 7 channels, the new
+    input weights zero (the other leaves shared, not copied)."""
     node = params
     for key in INPUT_CONV[:-1]:
         node = node[key]
@@ -94,11 +92,21 @@ def inpaint_init(args) -> None:
         raise SystemExit(f"error: expected a 3-channel input convolution, got kernel {kernel.shape}")
     # GLIDE's inpainting input is [x_t, masked image, mask] along channels; zero weights for the
     # extra four leave the base model's function unchanged at the start of fine-tuning.
-    node[INPUT_CONV[-1]] = np.concatenate([kernel, np.zeros(kernel.shape[:2] + (4,) + kernel.shape[3:],
-                                                            kernel.dtype)], axis=2)
+    widened = np.concatenate([kernel, np.zeros(kernel.shape[:2] + (4,) + kernel.shape[3:], kernel.dtype)], axis=2)
+    conv = dict(node, **{INPUT_CONV[-1]: widened})
+    unet = dict(params[INPUT_CONV[0]], **{INPUT_CONV[1]: conv})
+    return dict(params, **{INPUT_CONV[0]: unet})
+
+
+def inpaint_init(args) -> None:
+    from glide_jax import checkpoint
+
+    step, raw, params = newest_run_state(Path(args.run).absolute())
+    config = model_config(raw)
+    params = widen_for_inpainting(params)
     config["inpaint"] = True
     checkpoint.save_model(Path(args.out), params, config, overwrite=True)
-    print(f"wrote {args.out}: base step {step}, input kernel {node[INPUT_CONV[-1]].shape}")
+    print(f"wrote {args.out}: base step {step}, input kernel {params['unet']['input_blocks_0_0']['kernel'].shape}")
 
 
 LAYER_NAME = re.compile(r"(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)")

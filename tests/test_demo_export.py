@@ -93,3 +93,28 @@ def test_growing_text_refuses_another_width():
     fresh = jax.tree.map(np.asarray, unet.init_params(wider, jax.random.key(7)))
     with pytest.raises(SystemExit, match="text_encoder/.*trained shapes"):
         export.grow_text_layers(trained["text_encoder"], fresh["text_encoder"])
+
+
+def test_the_inpainting_start_computes_the_base_model_whatever_the_hole():
+    base_config = ModelConfig(attention_resolutions="4", **SMALL)
+    inpaint_config = ModelConfig(attention_resolutions="4", inpaint=True, **SMALL)
+    trained = trained_like(base_config)
+    widened = export.widen_for_inpainting(trained)
+    assert widened["unet"]["input_blocks_0_0"]["kernel"].shape[2] == 7
+    assert trained["unet"]["input_blocks_0_0"]["kernel"].shape[2] == 3      # the base is left as it was
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    t = jnp.array([5, 500, 999])
+    tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, 20)
+    image = jax.random.uniform(jax.random.key(4), (3, 16, 16, 3), minval=-1, maxval=1)
+    mask = (jax.random.uniform(jax.random.key(5), (3, 16, 16, 1)) > 0.5).astype(jnp.float32)
+    inpainting = unet.GlideUNet(inpaint_config).apply({"params": widened}, x, t, tokens, jnp.ones((3, 6), bool),
+                                                      inpaint_image=image * mask, inpaint_mask=mask)
+    np.testing.assert_array_equal(outputs(base_config, trained), inpainting)
+    # The zero weights on the four new channels are what keeps it so: others change the output.
+    nudged = jax.tree.map(lambda a: a, widened)
+    nudged["unet"]["input_blocks_0_0"]["kernel"] = jnp.asarray(widened["unet"]["input_blocks_0_0"]["kernel"]).at[:, :, 3:].add(0.1)
+    moved = unet.GlideUNet(inpaint_config).apply({"params": nudged}, x, t, tokens, jnp.ones((3, 6), bool),
+                                                 inpaint_image=image * mask, inpaint_mask=mask)
+    assert not np.allclose(inpainting, moved, atol=1e-3)
+    with pytest.raises(SystemExit, match="expected a 3-channel input convolution"):
+        export.widen_for_inpainting(widened)
