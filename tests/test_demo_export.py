@@ -1,5 +1,6 @@
-"""demo/export.py's model growth: added U-Net attention blocks and text-transformer layers keep the
-trained model's function exactly, so training continues where it left off."""
+"""demo/export.py's model surgery: added U-Net attention blocks and text-transformer layers, and the
+inpainting model's widened input, keep the trained model's function exactly, so training continues
+where it left off."""
 
 import sys
 
