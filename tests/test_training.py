@@ -99,8 +99,8 @@ def final_checksum(run_dir: Path) -> float:
     return done[-1]["params_checksum"]
 
 
-def saved_params(run_dir: Path, step: int):
-    """The raw params of checkpoint `step`, as numpy, read without the trainer."""
+def saved_params(run_dir: Path, step: int, part: str = "params"):
+    """The raw params (or `part` of the state) of checkpoint `step`, as numpy, read without the trainer."""
     import jax
     import orbax.checkpoint as ocp
     checkpointer = ocp.PyTreeCheckpointer()
@@ -108,7 +108,7 @@ def saved_params(run_dir: Path, step: int):
     metadata = checkpointer.metadata(path)
     metadata = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))[part]
 
 
 def assert_trees_close(a, b, atol, what):
@@ -246,8 +246,9 @@ def test_killed_run_resumes_to_the_same_params(env, spm_model, workdir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr
     # Same program, same inputs, same order: bit-identical, not merely close.
-    assert_trees_close(saved_params(reference_dir, steps), saved_params(killed_dir, steps), 0.0,
-                       "resumed vs uninterrupted")
+    for part in ("params", "ema_params"):   # the EMA's rate depends on the step, so the step must resume too
+        assert_trees_close(saved_params(reference_dir, steps, part), saved_params(killed_dir, steps, part), 0.0,
+                           f"resumed vs uninterrupted {part}")
     assert final_checksum(killed_dir) == final_checksum(reference_dir)
     first = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in first if "loss" in r]
