@@ -84,18 +84,15 @@ def export_model(args) -> None:
 def widen_for_inpainting(params: dict) -> dict:
     """The base's params with the input convolution widened from 3 to 7 channels, the new
     input weights zero (the other leaves shared, not copied)."""
-    node = params
-    for key in INPUT_CONV[:-1]:
-        node = node[key]
-    kernel = node[INPUT_CONV[-1]]
+    unet_key, conv_key, kernel_key = INPUT_CONV
+    conv = params[unet_key][conv_key]
+    kernel = conv[kernel_key]
     if kernel.shape[2] != 3:
         raise SystemExit(f"error: expected a 3-channel input convolution, got kernel {kernel.shape}")
     # GLIDE's inpainting input is [x_t, masked image, mask] along channels; zero weights for the
     # extra four leave the base model's function unchanged at the start of fine-tuning.
     widened = np.concatenate([kernel, np.zeros(kernel.shape[:2] + (4,) + kernel.shape[3:], kernel.dtype)], axis=2)
-    conv = dict(node, **{INPUT_CONV[-1]: widened})
-    unet = dict(params[INPUT_CONV[0]], **{INPUT_CONV[1]: conv})
-    return dict(params, **{INPUT_CONV[0]: unet})
+    return {**params, unet_key: {**params[unet_key], conv_key: {**conv, kernel_key: widened}}}
 
 
 def inpaint_init(args) -> None:
@@ -106,7 +103,8 @@ def inpaint_init(args) -> None:
     params = widen_for_inpainting(params)
     config["inpaint"] = True
     checkpoint.save_model(Path(args.out), params, config, overwrite=True)
-    print(f"wrote {args.out}: base step {step}, input kernel {params['unet']['input_blocks_0_0']['kernel'].shape}")
+    unet_key, conv_key, kernel_key = INPUT_CONV
+    print(f"wrote {args.out}: base step {step}, input kernel {params[unet_key][conv_key][kernel_key].shape}")
 
 
 LAYER_NAME = re.compile(r"(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)")
