@@ -15,6 +15,9 @@ from typing import Any
 
 GLIDE_VOCAB_SIZE = 50257
 
+# What a diffusion model's output can predict (ModelConfig.prediction).
+PREDICTIONS = ("eps", "v")
+
 # Keys that appear in the reference's `*.config.json` / `model_and_diffusion_defaults()` but do
 # not change the network: they are accepted and kept for round-tripping, never silently dropped.
 NON_ARCHITECTURE_KEYS = ("kind", "use_fp16", "cache_text_emb", "diffusion_steps", "noise_schedule",
@@ -65,6 +68,10 @@ class ModelConfig:
     # so with one channel per group (num_channels 32) no block can see an image's overall colour or
     # brightness: small models need fewer groups than GLIDE's 192-channel ones.
     norm_groups: int = 32
+    # What the first half of the output channels predicts: "eps" (the noise, as every released
+    # GLIDE model) or "v" (alpha·eps - sigma·x_0, Salimans & Ho 2022; see glide_jax.diffusion).
+    # Same network and params either way, but not interchangeable: it belongs to the weights.
+    prediction: str = "eps"
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
@@ -87,6 +94,8 @@ class ModelConfig:
             raise ConfigError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.norm_groups <= 0:
             raise ConfigError(f"norm_groups must be positive, got {self.norm_groups}")
         for mult in self.channel_multipliers:

@@ -6,9 +6,16 @@ by a frozen `GaussianDiffusion`. Everything that touches images is a pure `jnp` 
 arguments, so it traces into a compiled sampler or training step without hidden state.
 
 Conventions:
-- Images are NHWC. The model's output has 6 channels on the last axis: eps (0:3) and the
-  variance interpolation value v (3:6), v in [-1, 1] mapping log-variance from the clipped
-  posterior log-variance (v = -1) to log(beta) (v = 1).
+- Images are NHWC. The model's output has 6 channels on the last axis: the mean's prediction
+  (0:3) and the variance interpolation value (3:6), in [-1, 1] mapping log-variance from the
+  clipped posterior log-variance (-1) to log(beta) (1).
+- The mean's prediction is eps (`prediction="eps"`, every released GLIDE model) or
+  v = sqrt(alpha_bar)·eps - sqrt(1 - alpha_bar)·x_0 (`prediction="v"`, Salimans & Ho 2022).
+  Both give the same x_0 in exact arithmetic, but x_0 = (x_t - sqrt(1-alpha_bar)·eps) /
+  sqrt(alpha_bar) divides the network's error by sqrt(alpha_bar), ~5e-5 at the last cosine step:
+  an eps model's picture of the image at high noise is barely trained, while v's target there is
+  -x_0 itself. Guidance that mixes outputs linearly (classifier-free) means the same for both,
+  since at fixed x_t and t each is an affine function of the other with weights summing to one.
 - `t` is always an index into *this* diffusion (0 .. num_timesteps - 1), which after respacing
   is not the timestep the network was trained with; `timestep_map[t]` is. Samplers do that
   mapping when they call the model (see `glide_jax.sampling`).
@@ -26,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glide_jax.config import ConfigError
+from glide_jax.config import PREDICTIONS, ConfigError
 
 SCHEDULES = ("squaredcos_cap_v2", "linear")
 
@@ -191,6 +198,7 @@ class GaussianDiffusion:
     # Set by `create(..., start_step=...)`: the chain starts from a noised image at this original
     # timestep. None: from pure noise, whatever the respacing's last kept step (fast27 ends at 997).
     start_step: int | None = None
+    prediction: str = "eps"   # what the model output's mean channels are (see the module docstring)
     alphas_cumprod: np.ndarray = dataclasses.field(init=False, repr=False)
     alphas_cumprod_prev: np.ndarray = dataclasses.field(init=False, repr=False)
     alphas_cumprod_next: np.ndarray = dataclasses.field(init=False, repr=False)
@@ -214,6 +222,8 @@ class GaussianDiffusion:
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise DiffusionConfigError(
                 f"betas must lie in (0, 1], got min {betas.min()} and max {betas.max()}")
+        if self.prediction not in PREDICTIONS:
+            raise DiffusionConfigError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         timestep_map = np.asarray(self.timestep_map, dtype=np.int64)
         if timestep_map.shape != betas.shape:
             raise DiffusionConfigError(
@@ -246,7 +256,8 @@ class GaussianDiffusion:
 
     @classmethod
     def create(cls, schedule: str = "squaredcos_cap_v2", steps: int = 1000,
-               respacing: str | Sequence[int] = "", start_step: int | None = None) -> "GaussianDiffusion":
+               respacing: str | Sequence[int] = "", start_step: int | None = None,
+               prediction: str = "eps") -> "GaussianDiffusion":
         """The reference's `create_gaussian_diffusion`: schedule over `steps`, then respaced
         (`""` keeps every step).
 
@@ -254,6 +265,8 @@ class GaussianDiffusion:
         0..start_step instead of 0..steps-1, so sampling starts at `start_step` from a noised image
         rather than from pure noise (see `starts_from_noise`; the pipeline's upsamplers start from
         their upsampled low-res input). Not in the reference.
+
+        `prediction` is what the model's mean channels predict, "eps" or "v" (the model config's).
         """
         base_betas = get_named_beta_schedule(schedule, steps)
         if start_step is not None and not (isinstance(start_step, (int, np.integer)) and 0 < start_step < steps):
@@ -262,7 +275,8 @@ class GaussianDiffusion:
         span = steps if start_step is None else int(start_step) + 1
         if respacing in ("", None) or (not isinstance(respacing, str) and len(respacing) == 0):
             if span == steps:
-                return cls(betas=base_betas, timestep_map=np.arange(steps), original_num_steps=steps)
+                return cls(betas=base_betas, timestep_map=np.arange(steps), original_num_steps=steps,
+                           prediction=prediction)
             kept = set(range(span))
         else:
             kept = space_timesteps(span, respacing)
@@ -273,7 +287,7 @@ class GaussianDiffusion:
         kept_acp = base_acp[timestep_map]
         betas = 1.0 - kept_acp / np.append(1.0, kept_acp[:-1])
         return cls(betas=betas, timestep_map=timestep_map, original_num_steps=steps,
-                   start_step=None if start_step is None else int(start_step))
+                   start_step=None if start_step is None else int(start_step), prediction=prediction)
 
     @property
     def starts_from_noise(self) -> bool:
@@ -286,7 +300,8 @@ class GaussianDiffusion:
         return int(self.betas.shape[0])
 
     def _key(self):
-        return (self.original_num_steps, self.betas.tobytes(), self.timestep_map.tobytes(), self.start_step)
+        return (self.original_num_steps, self.betas.tobytes(), self.timestep_map.tobytes(), self.start_step,
+                self.prediction)
 
     def __eq__(self, other):
         return isinstance(other, GaussianDiffusion) and self._key() == other._key()
@@ -334,14 +349,32 @@ class GaussianDiffusion:
         return ((self.extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
                 / self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
+    def predict_xstart_from_v(self, x_t, t, v):
+        _check_same_shape("v", v, "x_t", x_t)
+        return (self.extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+                - self.extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
+
+    def v_target(self, x0, t, noise):
+        """What a v-prediction model is trained to output for `q_sample(x0, t, noise)`."""
+        _check_same_shape("noise", noise, "x0", x0)
+        return (self.extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def predict_xstart(self, x_t, t, mean_output):
+        """x_0 from the mean channels of the model's output, as `prediction` says to read them."""
+        if self.prediction == "v":
+            return self.predict_xstart_from_v(x_t, t, mean_output)
+        return self.predict_xstart_from_eps(x_t, t, mean_output)
+
     def split_model_output(self, model_output, x_t):
-        """(eps, v) from the model's output, whose last axis must be twice x_t's channels."""
+        """(mean prediction, variance values) from the model's output, whose last axis must be
+        twice x_t's channels."""
         channels = x_t.shape[-1]
         expected = x_t.shape[:-1] + (2 * channels,)
         if tuple(model_output.shape) != tuple(expected):
             raise ValueError(
                 f"model output has shape {tuple(model_output.shape)}, expected {expected} "
-                f"(NHWC, eps then variance values on the last axis)")
+                f"(NHWC, {self.prediction} then variance values on the last axis)")
         model_output = model_output.astype(jnp.float32)
         return model_output[..., :channels], model_output[..., channels:]
 
@@ -356,12 +389,12 @@ class GaussianDiffusion:
                         denoised_fn: Callable | None = None) -> MeanVariance:
         """p(x_{t-1} | x_t) from the model's 6-channel output at index `t`.
 
-        x_0 is predicted from eps, passed through `denoised_fn` (if any) and then clipped to
+        x_0 is predicted from the output (`predict_xstart`), passed through `denoised_fn` (if any) and then clipped to
         [-1, 1] (if `clip_denoised`); the mean is the posterior mean given that x_0.
         """
-        eps, var_values = self.split_model_output(model_output, x_t)
+        prediction, var_values = self.split_model_output(model_output, x_t)
         log_variance = self.model_log_variance(var_values, t)
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        pred_xstart = self.predict_xstart(x_t, t, prediction)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
@@ -389,10 +422,10 @@ class GaussianDiffusion:
     def training_losses(self, model_output, x0, x_t, t, noise) -> dict[str, jax.Array]:
         """GLIDE's hybrid objective per example: `loss = mse + vb`, each of shape (B,).
 
-        - `mse`: mean squared error between the predicted and the true eps.
+        - `mse`: mean squared error between the predicted and the true eps (or v, `v_target`).
         - `vb`: the variational bound term in bits per dimension, KL(q(x_{t-1}|x_t,x_0) ||
           p(x_{t-1}|x_t)) for t > 0 and the discretised Gaussian decoder NLL at t = 0. It is
-          computed with the model's eps under `stop_gradient`, so it trains only the variance
+          computed with the model's mean prediction under `stop_gradient`, so it trains only the variance
           channels while the mean is trained by `mse` alone (Nichol & Dhariwal's L_hybrid); no
           clipping of x_0 here, as in training the bound must stay a bound of the actual model.
         - vb is multiplied by `num_timesteps / 1000`: improved-diffusion's "rescaled" hybrid
@@ -404,8 +437,8 @@ class GaussianDiffusion:
         """
         _check_same_shape("x_t", x_t, "x0", x0)
         _check_same_shape("noise", noise, "x0", x0)
-        eps, var_values = self.split_model_output(model_output, x_t)
-        frozen = jnp.concatenate([jax.lax.stop_gradient(eps), var_values], axis=-1)
+        prediction, var_values = self.split_model_output(model_output, x_t)
+        frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
         out = self.p_mean_variance(frozen, x_t, t, clip_denoised=False)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(2.0)
@@ -413,7 +446,9 @@ class GaussianDiffusion:
             x0, means=out.mean, log_scales=0.5 * out.log_variance)) / math.log(2.0)
         t = jnp.broadcast_to(jnp.asarray(t), kl.shape)
         vb = jnp.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
-        mse = mean_flat(jnp.square(noise.astype(jnp.float32) - eps))
+        noise = noise.astype(jnp.float32)
+        target = self.v_target(x0.astype(jnp.float32), t, noise) if self.prediction == "v" else noise
+        mse = mean_flat(jnp.square(target - prediction))
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 

@@ -135,9 +135,10 @@ def classifier_free_guidance(model_fn: ModelFn, guidance_scale) -> ModelFn:
 
     The caller's conditioning (tokens, mask) covers the whole batch: the first half
     conditional, the second half unconditional (e.g. the empty prompt). Both halves of x_t are
-    kept equal: the model runs on [x_half, x_half], the guided eps
+    kept equal: the model runs on [x_half, x_half], the guided mean prediction
     uncond + s · (cond − uncond) is returned for both halves, and the variance channels pass
-    through unchanged. `guidance_scale` may be a traced scalar.
+    through unchanged. The mix means the same for eps and v models (see glide_jax.diffusion).
+    `guidance_scale` may be a traced scalar.
     """
     def guided(x_t, timesteps):
         batch = x_t.shape[0]
@@ -147,10 +148,10 @@ def classifier_free_guidance(model_fn: ModelFn, guidance_scale) -> ModelFn:
         half = x_t[: batch // 2]
         output = model_fn(jnp.concatenate([half, half], axis=0), timesteps)
         channels = x_t.shape[-1]
-        eps, rest = output[..., :channels], output[..., channels:]
-        cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
-        half_eps = uncond_eps + jnp.asarray(guidance_scale, eps.dtype) * (cond_eps - uncond_eps)
-        return jnp.concatenate([jnp.concatenate([half_eps, half_eps], axis=0), rest], axis=-1)
+        prediction, rest = output[..., :channels], output[..., channels:]
+        cond, uncond = jnp.split(prediction, 2, axis=0)
+        guided_half = uncond + jnp.asarray(guidance_scale, prediction.dtype) * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([guided_half, guided_half], axis=0), rest], axis=-1)
 
     return guided
 

@@ -177,6 +177,11 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     by SNR(t): the weighting shifts the gradient towards those steps. The vb term, which trains only
     the variances, is left as it is.
 
+    For a v-prediction model (`config.prediction == "v"`) the v MSE is the x_0 MSE times
+    SNR(t) + 1, and the weighting is (min(SNR(t), gamma) + 1) / (SNR(t) + 1): x_0 errors count
+    min(SNR, gamma) + 1 times. Hang et al.'s v form, min(SNR, gamma) / (SNR + 1), would give the
+    noisiest steps the same vanishing weight as the eps form, undoing what v-prediction is for.
+
     `high_noise_fraction` of the examples draw their timestep uniformly from the noisiest part of
     the chain (from `high_noise_from` * T on) instead of from all of it (`draw_timesteps`). There
     the image's mean colour is still hidden in the noise, so the text alone must decide it, yet the
@@ -204,7 +209,13 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     if not 0.0 <= high_noise_from < 1.0:
         raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {high_noise_from}")
     snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
-    mse_weights = (np.minimum(snr, min_snr_gamma) / snr if min_snr_gamma > 0 else np.ones_like(snr)).astype(np.float32)
+    if min_snr_gamma <= 0:
+        mse_weights = np.ones_like(snr)
+    elif config.prediction == "v":
+        mse_weights = (np.minimum(snr, min_snr_gamma) + 1.0) / (snr + 1.0)
+    else:
+        mse_weights = np.minimum(snr, min_snr_gamma) / snr
+    mse_weights = mse_weights.astype(np.float32)
     if config.has_text and caption_dropout > 0 and (empty_tokens is None or empty_mask is None):
         raise ConfigError("caption_dropout > 0 needs the tokenizer's empty caption (empty_tokens, empty_mask)")
     if config.has_text and empty_tokens is not None:

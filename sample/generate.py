@@ -277,7 +277,8 @@ def diffusion_for(config, respacing: str, start_step: int | None = None):
     schedule = config.noise_schedule or ("linear" if config.super_res else "squaredcos_cap_v2")
     if start_step is not None and start_step >= config.diffusion_steps - 1:
         start_step = None   # the last step: the full chain from pure noise
-    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing, start_step=start_step)
+    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing, start_step=start_step,
+                                    prediction=config.prediction)
 
 
 _diffusion = diffusion_for

@@ -261,3 +261,68 @@ def test_start_step_truncates_the_chain_on_the_original_schedule():
     for bad in (0, 1000, -3, 2.5):
         with pytest.raises(DiffusionConfigError, match=r"start_step must be an integer in \[1, 999\]"):
             GaussianDiffusion.create("linear", 1000, "25", start_step=bad)
+
+
+# -- v-prediction ---------------------------------------------------------------------------------
+
+def test_v_prediction_reads_x0_straight_from_v_even_at_the_last_step():
+    eps_d = GaussianDiffusion.create("squaredcos_cap_v2", 1000)
+    v_d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, prediction="v")
+    assert v_d != eps_d and hash(v_d) != hash(eps_d)
+    x0, noise, _ = _batch(7)
+    t = jnp.array([0, 500, 999])
+    x_t = v_d.q_sample(jnp.asarray(x0), t, jnp.asarray(noise))
+    v = v_d.v_target(jnp.asarray(x0), t, jnp.asarray(noise))
+    np.testing.assert_allclose(v_d.predict_xstart(x_t, t, v), x0, atol=1e-5)
+    # The same x_0 through eps at t=999 divides float32 rounding by sqrt(alpha_bar) ~ 5e-5.
+    sigma = np.sqrt(1 - eps_d.alphas_cumprod[999])
+    alpha = np.sqrt(eps_d.alphas_cumprod[999])
+    v_last = np.float32(alpha) * noise[2] - np.float32(sigma) * x0[2]
+    np.testing.assert_allclose(v_d.predict_xstart(x_t[2:], t[2:], jnp.asarray(v_last[None])), x0[2:], atol=1e-5)
+
+
+def test_v_and_eps_models_with_equivalent_outputs_give_the_same_step_and_guidance():
+    """An eps output and the v output it implies give the same p(x_{t-1}|x_t); classifier-free
+    guidance on either (an affine mix with weights summing to one) gives the same guided step."""
+    from glide_jax.sampling import classifier_free_guidance
+
+    eps_d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, "10")
+    v_d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, "10", prediction="v")
+    _, x_t, out = _batch(8, shape=(4, 4, 5, 3))
+    x_t = np.concatenate([x_t[:2], x_t[:2]])        # [conditional | unconditional] halves share x_t
+    t = jnp.array([3, 7, 3, 7])
+    alpha = np.sqrt(eps_d.alphas_cumprod[[3, 7, 3, 7]])[:, None, None, None]
+    sigma = np.sqrt(1 - eps_d.alphas_cumprod[[3, 7, 3, 7]])[:, None, None, None]
+    eps_out = out
+    v_out = out.copy()
+    v_out[..., :3] = (out[..., :3] - sigma * x_t) / alpha     # v = (eps - sigma x_t) / alpha
+    for scale in (1.0, 3.0):
+        guided = [classifier_free_guidance(lambda x, ts, o=o: jnp.asarray(o, jnp.float32), scale)(jnp.asarray(x_t), t)
+                  for o in (eps_out, v_out)]
+        a = eps_d.p_mean_variance(guided[0], jnp.asarray(x_t), t)
+        b = v_d.p_mean_variance(guided[1], jnp.asarray(x_t), t)
+        for field in ("mean", "pred_xstart", "eps", "log_variance"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=2e-4, err_msg=f"{field} at {scale}")
+
+
+def test_v_training_loss_targets_v_and_an_unknown_prediction_is_refused():
+    d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, prediction="v")
+    x0, noise, out = _batch(9)
+    t = jnp.array([0, 400, 999])
+    x_t = d.q_sample(jnp.asarray(x0), t, jnp.asarray(noise))
+    v = np.asarray(d.v_target(jnp.asarray(x0), t, jnp.asarray(noise)))
+    out[..., :3] = v + 0.1 * out[..., :3]
+    losses = d.training_losses(jnp.asarray(out), jnp.asarray(x0), x_t, t, jnp.asarray(noise))
+    np.testing.assert_allclose(losses["mse"], np.mean((0.1 * _batch(9)[2][..., :3]) ** 2, axis=(1, 2, 3)), rtol=1e-4)
+    # v = sqrt(alpha_bar)·eps - sqrt(1 - alpha_bar)·x_0: mostly eps at t=0, mostly -x_0 at t=999.
+    np.testing.assert_allclose(v[0], noise[0], atol=0.03)
+    np.testing.assert_allclose(v[2], -x0[2], atol=1e-3)
+    with pytest.raises(DiffusionConfigError, match=r"prediction must be one of \['eps', 'v'\], got 'x0'"):
+        GaussianDiffusion.create("linear", 1000, prediction="x0")
+    from glide_jax.config import ModelConfig
+    with pytest.raises(ConfigError, match=r"prediction must be one of \['eps', 'v'\], got 'V'"):
+        ModelConfig(prediction="V")
+    # The sampling CLI and the evaluation build their diffusion from the model's config.
+    from sample.generate import diffusion_for
+    assert diffusion_for(ModelConfig(image_size=64, prediction="v"), "10").prediction == "v"
+    assert diffusion_for(ModelConfig(image_size=64), "10").prediction == "eps"

@@ -457,17 +457,20 @@ def test_bfloat16_compute_keeps_float32_master_params():
     assert counts["bfloat16"][1] >= counts["bfloat16"][0] - 2 > 0, counts
 
 
-def test_min_snr_weighting_scales_only_the_eps_loss_by_min_snr_gamma_over_snr():
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighting_scales_only_the_mean_loss_by_its_capped_snr_weight(prediction):
     import jax
 
     from glide_jax import training
     from glide_jax.config import ConfigError, ModelConfig
     from glide_jax.diffusion import GaussianDiffusion
 
-    model = ModelConfig.from_dict(TINY_MODEL)
-    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
+    model = ModelConfig.from_dict({**TINY_MODEL, "prediction": prediction})
+    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100, prediction=prediction)
     snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
     gamma = 2.0
+    # x_0 errors weigh min(SNR, gamma) (eps) or min(SNR, gamma) + 1 (v: its floor of 1 at high noise kept).
+    expected = np.minimum(snr, gamma) / snr if prediction == "eps" else (np.minimum(snr, gamma) + 1) / (snr + 1)
     tasks = {g: training.diffusion_task(model, diffusion, "base", min_snr_gamma=g, caption_dropout=0.0)
              for g in (0.0, gamma, 1e12)}
     params = tasks[0.0].init(jax.random.key(0))
@@ -481,8 +484,8 @@ def test_min_snr_weighting_scales_only_the_eps_loss_by_min_snr_gamma_over_snr():
         assert float(plain) == pytest.approx(float(terms["mse"] + terms["vb"]), rel=1e-6)
         assert float(huge) == pytest.approx(float(plain), rel=1e-6)   # gamma above every SNR: unweighted
         weight = (float(weighted) - float(terms["vb"])) / float(terms["mse"])
-        # One batch row, so the weight is that of the row's timestep: one of min(SNR, gamma)/SNR.
-        assert np.min(np.abs(np.minimum(snr, gamma) / snr - weight)) < 1e-4, weight
+        # One batch row, so the weight is that of the row's timestep.
+        assert np.min(np.abs(expected - weight)) < 1e-4, weight
         weights.append(weight)
     assert min(weights) < 0.9 and max(weights) == pytest.approx(1.0, abs=1e-4)  # low-noise steps down-weighted
 

@@ -60,7 +60,8 @@ class PreviewSampler:
         self.known = batch["images"]
 
         model = GlideUNet(mc, jax.numpy.float32)
-        diffusion = GaussianDiffusion.create(trainer.schedule, cfg.diffusion.steps, cfg.sample.respacing)
+        diffusion = GaussianDiffusion.create(trainer.schedule, cfg.diffusion.steps, cfg.sample.respacing,
+                                            prediction=mc.prediction)
         sampler = sampling.ddim_sample if cfg.sample.sampler == "ddim" else sampling.ddpm_sample
         size = mc.image_size
         jnp = jax.numpy

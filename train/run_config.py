@@ -97,7 +97,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "float32"    # compute dtype; params stay float32
     caption_dropout: float = 0.2
-    min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps loss (see training.diffusion_task)
+    min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps (or v) loss (see training.diffusion_task)
     high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
     high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
     ema_rate: float = 0.9999

@@ -225,7 +225,7 @@ class Trainer:
         # GLIDE's base and inpainting models use the cosine schedule, its upsamplers the linear one.
         self.schedule = cfg.diffusion.schedule or mc.noise_schedule or (
             "linear" if cfg.model_kind in ("upsample", "upsample_inpaint") else "squaredcos_cap_v2")
-        self.diffusion = GaussianDiffusion.create(self.schedule, cfg.diffusion.steps)
+        self.diffusion = GaussianDiffusion.create(self.schedule, cfg.diffusion.steps, prediction=mc.prediction)
         empty_tokens = empty_mask = None
         if mc.has_text:
             empty_tokens, empty_mask = self.tokenizer.pad_and_mask([], mc.text_ctx)
