@@ -53,7 +53,7 @@ def measure(size: str, dtype: str, per_device_batch: int, steps: int) -> dict:
     from glide_jax.unet import count_params
 
     config = ModelConfig.from_dict(model_options(size))
-    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 1000)
+    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 1000, prediction=config.prediction)
     ctx = config.text_ctx
     task = training.diffusion_task(config, diffusion, "base", compute_dtype=dtype, caption_dropout=0.2,
                                    empty_tokens=np.zeros(ctx, np.int32), empty_mask=np.zeros(ctx, bool))

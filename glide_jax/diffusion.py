@@ -389,8 +389,8 @@ class GaussianDiffusion:
                         denoised_fn: Callable | None = None) -> MeanVariance:
         """p(x_{t-1} | x_t) from the model's 6-channel output at index `t`.
 
-        x_0 is predicted from the output (`predict_xstart`), passed through `denoised_fn` (if any) and then clipped to
-        [-1, 1] (if `clip_denoised`); the mean is the posterior mean given that x_0.
+        x_0 is predicted from the output (`predict_xstart`), passed through `denoised_fn` (if any)
+        and then clipped to [-1, 1] (if `clip_denoised`); the mean is the posterior mean given that x_0.
         """
         prediction, var_values = self.split_model_output(model_output, x_t)
         log_variance = self.model_log_variance(var_values, t)
@@ -425,8 +425,8 @@ class GaussianDiffusion:
         - `mse`: mean squared error between the predicted and the true eps (or v, `v_target`).
         - `vb`: the variational bound term in bits per dimension, KL(q(x_{t-1}|x_t,x_0) ||
           p(x_{t-1}|x_t)) for t > 0 and the discretised Gaussian decoder NLL at t = 0. It is
-          computed with the model's mean prediction under `stop_gradient`, so it trains only the variance
-          channels while the mean is trained by `mse` alone (Nichol & Dhariwal's L_hybrid); no
+          computed with the model's mean prediction under `stop_gradient`, so it trains only the
+          variance channels while the mean is trained by `mse` alone (Nichol & Dhariwal's L_hybrid); no
           clipping of x_0 here, as in training the bound must stay a bound of the actual model.
         - vb is multiplied by `num_timesteps / 1000`: improved-diffusion's "rescaled" hybrid
           setting (`rescale_learned_sigmas`), which GLIDE's models were trained with; it keeps

@@ -208,6 +208,9 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         raise ConfigError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
     if not 0.0 <= high_noise_from < 1.0:
         raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {high_noise_from}")
+    if diffusion.prediction != config.prediction:
+        raise ConfigError(f"the model predicts {config.prediction!r} (model.prediction) but the diffusion was "
+                          f"built for {diffusion.prediction!r}: the loss would train the wrong target")
     snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
     if min_snr_gamma <= 0:
         mse_weights = np.ones_like(snr)

@@ -491,6 +491,10 @@ def test_min_snr_weighting_scales_only_the_mean_loss_by_its_capped_snr_weight(pr
 
     with pytest.raises(ConfigError, match="min_snr_gamma must be >= 0"):
         training.diffusion_task(model, diffusion, "base", min_snr_gamma=-1.0, caption_dropout=0.0)
+    other = "v" if prediction == "eps" else "eps"
+    with pytest.raises(ConfigError, match=f"the model predicts '{prediction}' .* built for '{other}'"):
+        training.diffusion_task(model, GaussianDiffusion.create("squaredcos_cap_v2", 100, prediction=other), "base",
+                                caption_dropout=0.0)
 
 
 def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_part_only():
