@@ -14,7 +14,8 @@ case (host RSS on CPU, the device's peak bytes in use on an accelerator).
 
 With `--torch-python`, the original PyTorch implementation (openai/glide-text2im, importable from
 `--torch-pythonpath`) is timed in a subprocess on the same shapes right after, step by step with
-its own `p_sample` (float32, no_grad), and the table shows our/original ratios of wall time and
+its own `p_sample` (no_grad; float32 on `--torch-device`, or float16 with `--torch-fp16`, which is
+then compared with our bfloat16 rows), and the table shows our/original ratios of wall time and
 of process CPU time per step (on a shared machine the CPU time is the steadier measure of work).
 The original runs its text transformer inside every step (its released configs do not cache the
 text embedding); its text-encoder time is recorded in the JSON (`text_encoder_s`).
@@ -215,16 +216,25 @@ def peak_rss():
 
 job = json.loads(sys.argv[1])
 th.manual_seed(0)
+dev = th.device(job["device"])
 options = model_and_diffusion_defaults()
-options.update(use_fp16=False, timestep_respacing=str(job["steps"] + 1))
+options.update(use_fp16=job["fp16"], timestep_respacing=str(job["steps"] + 1))
 model, diffusion = create_model_and_diffusion(**options)
 model.eval()
+if job["fp16"]:
+    model.convert_to_fp16()  # what the original's notebooks do on a GPU
+model.to(dev)
+
+def sync():
+    # CUDA kernels run asynchronously: a step is only over once the device says so.
+    if dev.type == "cuda":
+        th.cuda.synchronize()
 b, ctx = job["batch"], options["text_ctx"]
 guided = job["kind"] == "cfg"
 rows = 2 * b if guided else b
-tokens = th.zeros((rows, ctx), dtype=th.long)
-mask = th.zeros((rows, ctx), dtype=th.bool)
-tokens[:b, :12] = th.arange(100, 112)
+tokens = th.zeros((rows, ctx), dtype=th.long, device=dev)
+mask = th.zeros((rows, ctx), dtype=th.bool, device=dev)
+tokens[:b, :12] = th.arange(100, 112, device=dev)
 mask[:b, :12] = True
 
 def model_fn(x_t, ts, **kwargs):
@@ -244,8 +254,8 @@ if job["kind"] == "clip":
     image_encoder = ImageEncoder(image_size=c["image_size"], patch_size=c["patch_size"], n_embd=c["n_embd"],
                                  n_head=c["n_head_image"], n_xf_blocks=c["n_xf_blocks_image"],
                                  n_head_state=c["n_head_state_image"], n_timestep=c["n_timesteps"],
-                                 device=th.device("cpu"))
-    z_text = th.nn.functional.normalize(th.randn(b, c["n_embd"]), dim=-1)
+                                 device=dev).to(dev)
+    z_text = th.nn.functional.normalize(th.randn(b, c["n_embd"], device=dev), dim=-1)
     scale = float(np.log(c["logit_scale"]))
 
     def cond_fn(x, t, **kwargs):
@@ -256,28 +266,34 @@ if job["kind"] == "clip":
             loss = np.exp(scale) * (z_text * z).sum()
             return th.autograd.grad(loss, x)[0].detach() * 3.0
 
-x = th.randn((rows, 3, 64, 64))
+x = th.randn((rows, 3, 64, 64), device=dev)
 times, cpu_times = [], []
 with th.no_grad():
     text_times = []
     for _ in range(2):
+        sync()
         t0 = time.perf_counter()
         model.get_text_emb(tokens, mask)
+        sync()
         text_times.append(time.perf_counter() - t0)
     for i in reversed(range(job["steps"] + 1)):  # the first (highest-t) step is the warm-up
-        t = th.full((rows,), i, dtype=th.long)
+        t = th.full((rows,), i, dtype=th.long, device=dev)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         x = diffusion.p_sample(model_fn, x, t, cond_fn=cond_fn, model_kwargs={})["sample"]
+        sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
 print(json.dumps({"step_times_s": times[1:], "step_cpu_times_s": cpu_times[1:], "warmup_step_s": times[0], "text_encoder_s": text_times[-1],
-                  "peak_rss_bytes": peak_rss(),
+                  "peak_rss_bytes": peak_rss(), "device": str(dev), "fp16": job["fp16"],
+                  "peak_device_bytes": th.cuda.max_memory_allocated() if dev.type == "cuda" else None,
                   "threads": th.get_num_threads(), "torch": th.__version__}))
 """
 
 
-def bench_torch(python: str, pythonpath: str | None, kind: str, batch: int, steps: int) -> dict:
-    job = {"kind": kind, "batch": batch, "steps": steps,
+def bench_torch(python: str, pythonpath: str | None, kind: str, batch: int, steps: int,
+                device: str = "cpu", fp16: bool = False) -> dict:
+    job = {"kind": kind, "batch": batch, "steps": steps, "device": device, "fp16": fp16,
            "clip_config": ClipConfig.from_json(CONFIGS / "clip.json").to_dict()}
     env = dict(os.environ)
     if pythonpath:
@@ -314,12 +330,13 @@ def table(results: dict) -> str:
     for r in results["jax"]:
         t = torch_by.get((r["kind"], r["batch_pairs"]))
         cols = (f"{r['kind']:<5} {r['dtype']:<9} {r['batch_pairs']:<2} {r['model_batch']:<5} "
-                f"{r['compile_s']:9.1f}  {r['trace_lower_s']:7.1f}  {r['step_s']:6.2f}  "
+                f"{r['compile_s']:9.1f}  {r['trace_lower_s']:7.1f}  {r['step_s']:7.4f}  "
                 f"{r['step_cpu_s']:5.2f}  {r['images_per_s']:6.3f}  {_gib(r['peak_memory_bytes']):>8}  "
                 f"{r['load_before']:4.1f}")
-        if t is not None and r["dtype"] == "float32":
-            cols += (f"  | {t['step_s']:12.2f}  {r['step_s'] / t['step_s']:5.2f}  {t['step_cpu_s']:11.2f}  "
-                     f"{r['step_cpu_s'] / t['step_cpu_s']:9.2f}  {_gib(t['peak_rss_bytes']):>14}  "
+        if t is not None and r["dtype"] == results.get("torch_compared_dtype", "float32"):
+            torch_peak = t.get("peak_device_bytes") or t["peak_rss_bytes"]
+            cols += (f"  | {t['step_s']:12.4f}  {r['step_s'] / t['step_s']:5.2f}  {t['step_cpu_s']:11.2f}  "
+                     f"{r['step_cpu_s'] / t['step_cpu_s']:9.2f}  {_gib(torch_peak):>14}  "
                      f"{t['load_before']:4.1f}")
         lines.append(cols)
     for r in results["jax"]:
@@ -339,6 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-batch", type=int, default=1)
     parser.add_argument("--torch-python", help="interpreter with torch to time the original with")
     parser.add_argument("--torch-pythonpath", help="PYTHONPATH that makes glide_text2im importable")
+    parser.add_argument("--torch-device", default="cpu", help="where the original runs: cpu or cuda")
+    parser.add_argument("--torch-fp16", action="store_true",
+                        help="run the original in float16 (its GPU setting); compared with our bfloat16 rows")
     parser.add_argument("--json", default="bench_sample.json", help="where to write the results")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -355,7 +375,9 @@ def main(argv=None) -> int:
     results = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
                "processor": platform.processor(), "cpu_count": os.cpu_count(),
                "jax_version": jax.__version__, "n_params": count_params(params),
-               "init_s": time.perf_counter() - t0, "args": vars(args), "jax": [], "torch": []}
+               "init_s": time.perf_counter() - t0, "args": vars(args), "jax": [], "torch": [],
+               "matmul_precision": str(jax.config.jax_default_matmul_precision),
+               "torch_compared_dtype": "bfloat16" if args.torch_fp16 else "float32"}
     print(f"{count_params(params):,} parameters, init {results['init_s']:.1f} s, load {_load()}", flush=True)
 
     for dtype in dtypes:
@@ -375,7 +397,8 @@ def main(argv=None) -> int:
         del params  # leave the memory to the original
         jobs = [("cfg", b) for b in batch_sizes] + ([("clip", args.clip_batch)] if args.clip else [])
         for kind, b in jobs:
-            r = bench_torch(args.torch_python, args.torch_pythonpath, kind, b, args.steps)
+            r = bench_torch(args.torch_python, args.torch_pythonpath, kind, b, args.steps,
+                            args.torch_device, args.torch_fp16 and kind == "cfg")
             results["torch"].append(r)
             print(json.dumps(r), flush=True)
 
