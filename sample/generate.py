@@ -59,6 +59,7 @@ DEMO_UPSAMPLE_START = 500
 FULL_CHAIN_START = 999   # the schedule's last step: the upsampler starts from pure noise
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 MODEL_CHOICES = ("demo", "glide")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 class InputError(Exception):
@@ -108,6 +109,11 @@ def _parse_args(argv):
     p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
+                   help="float32 matrix products and convolutions on an accelerator: XLA's 'default' is TF32 "
+                        "on NVIDIA GPUs (Ampere and later) and bfloat16 passes on TPUs; 'highest' gives the "
+                        "reference's float32 numbers (bench/bench_parity.py). Default: JAX's setting "
+                        "(JAX_DEFAULT_MATMUL_PRECISION); no effect on the CPU")
     p.add_argument("--checkpoint-dir", help="directory of converted GLIDE models or the reference's .pt files")
     p.add_argument("--vocab-dir", help="tokenizer vocabulary directory (default: the cache, downloaded)")
     p.add_argument("--out", default="samples", help="output directory (default ./samples)")
@@ -415,6 +421,16 @@ def _fast_compile_for_demo(args) -> None:
         os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
 
 
+def _matmul_precision(precision: str | None):
+    """The scope in which the samplers are traced: XLA fixes a program's matmul precision when it
+    is compiled, so this covers every jitted loop of the run."""
+    import contextlib
+
+    import jax
+
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
 def main(argv=None) -> int:
     def log(message, err=False):
         import jax
@@ -428,7 +444,8 @@ def main(argv=None) -> int:
         from glide_jax import parallel
         # Must run before anything touches a device.
         parallel.initialize_distributed()
-        run(args, log)
+        with _matmul_precision(args.matmul_precision):
+            run(args, log)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -143,6 +143,7 @@ BAD_INPUTS = [
     (["--steps", "10", "--respacing", "10"], "not allowed with argument"),
     (["--sampler", "plms"], "invalid choice"),
     (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--matmul-precision", "tf32"], "invalid choice"),
 ]
 
 
@@ -166,3 +167,17 @@ def test_missing_prompt_and_missing_weights(golden, tmp_path, capsys):
                           "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no 'base' weights" in err, err
+
+
+def test_matmul_precision_holds_for_the_whole_run_and_only_for_it(monkeypatch, tmp_path):
+    """On a GPU the default precision is TF32 (bench/bench_parity.py); the flag must reach every
+    program the run compiles, and must not leak into the caller's process."""
+    import jax
+
+    before = jax.config.jax_default_matmul_precision
+    seen = []
+    monkeypatch.setattr(generate, "run", lambda args, log: seen.append(jax.config.jax_default_matmul_precision))
+    assert generate.main(["--prompt", "x", "--matmul-precision", "highest", "--out", str(tmp_path)]) == 0
+    assert generate.main(["--prompt", "x", "--out", str(tmp_path)]) == 0
+    assert seen == ["highest", before]
+    assert jax.config.jax_default_matmul_precision == before
