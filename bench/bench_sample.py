@@ -44,7 +44,7 @@ import numpy as np
 
 from glide_jax.clip import ClipConfig, clip_cond_fn, clip_params_shapes, l2_normalize
 from glide_jax.config import ModelConfig
-from glide_jax.diffusion import GaussianDiffusion
+from glide_jax.diffusion import diffusion_for_model
 from glide_jax.sampling import classifier_free_guidance, ddpm_sample
 from glide_jax.unet import GlideUNet, count_params, param_shapes
 
@@ -147,8 +147,7 @@ def _time_compiled(run, args, steps: int) -> dict:
 def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int) -> dict:
     """Classifier-free guided ancestral sampling of `batch_pairs` images (2·B rows per step)."""
     model = GlideUNet(config, DTYPES[dtype])
-    diffusion = GaussianDiffusion.create(config.noise_schedule or "squaredcos_cap_v2", 1000, str(steps),
-                                          prediction=config.prediction)
+    diffusion = diffusion_for_model(config, str(steps))
     tokens, mask = _tokens(config, batch_pairs)
     shape = (2 * batch_pairs, config.image_size, config.image_size, 3)
 
@@ -174,8 +173,7 @@ def bench_clip(params, config: ModelConfig, clip_params, clip_config: ClipConfig
                steps: int) -> dict:
     """CLIP-guided ancestral sampling of `batch` images: the model on B rows plus CLIP's gradient."""
     model = GlideUNet(config, jnp.float32)
-    diffusion = GaussianDiffusion.create(config.noise_schedule or "squaredcos_cap_v2", 1000, str(steps),
-                                          prediction=config.prediction)
+    diffusion = diffusion_for_model(config, str(steps))
     tokens, mask = _tokens(config, batch)
     tokens, mask = tokens[:batch], mask[:batch]
     shape = (batch, config.image_size, config.image_size, 3)

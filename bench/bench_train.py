@@ -49,11 +49,11 @@ def measure(size: str, dtype: str, per_device_batch: int, steps: int, devices) -
 
     from glide_jax import parallel, training
     from glide_jax.config import ModelConfig
-    from glide_jax.diffusion import GaussianDiffusion
+    from glide_jax.diffusion import diffusion_for_model
     from glide_jax.unet import count_params
 
     config = ModelConfig.from_dict(model_options(size))
-    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 1000, prediction=config.prediction)
+    diffusion = diffusion_for_model(config)
     ctx = config.text_ctx
     task = training.diffusion_task(config, diffusion, "base", compute_dtype=dtype, caption_dropout=0.2,
                                    empty_tokens=np.zeros(ctx, np.int32), empty_mask=np.zeros(ctx, bool))

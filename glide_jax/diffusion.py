@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glide_jax.config import PREDICTIONS, ConfigError
+from glide_jax.config import PREDICTIONS, ConfigError, ModelConfig
 
 SCHEDULES = ("squaredcos_cap_v2", "linear")
 
@@ -450,6 +450,23 @@ class GaussianDiffusion:
         target = self.v_target(x0.astype(jnp.float32), t, noise) if self.prediction == "v" else noise
         mse = mean_flat(jnp.square(target - prediction))
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def default_schedule(config: ModelConfig) -> str:
+    """The model config's noise schedule, else GLIDE's: cosine for the base and inpainting models,
+    linear for the upsamplers."""
+    return config.noise_schedule or ("linear" if config.super_res else "squaredcos_cap_v2")
+
+
+def diffusion_for_model(config: ModelConfig, respacing: str | Sequence[int] = "", *,
+                        start_step: int | None = None, schedule: str | None = None,
+                        steps: int | None = None) -> GaussianDiffusion:
+    """The diffusion a model was trained with (or is sampled with, respaced): its schedule
+    (`default_schedule` unless `schedule` is given), its number of steps and its prediction.
+    Every sampler and trainer builds its diffusion here, so a model config's `prediction` cannot
+    be dropped on the way (a v model read as eps gives garbage, silently)."""
+    return GaussianDiffusion.create(schedule or default_schedule(config), steps or config.diffusion_steps,
+                                    respacing, start_step=start_step, prediction=config.prediction)
 
 
 def _check_same_shape(name_a, a, name_b, b):

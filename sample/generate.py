@@ -277,14 +277,11 @@ class ModelSource:
 
 
 def diffusion_for(config, respacing: str, start_step: int | None = None):
-    from glide_jax.diffusion import GaussianDiffusion
+    from glide_jax.diffusion import diffusion_for_model
 
-    # The released configs name their schedule; the reference's defaults otherwise.
-    schedule = config.noise_schedule or ("linear" if config.super_res else "squaredcos_cap_v2")
     if start_step is not None and start_step >= config.diffusion_steps - 1:
         start_step = None   # the last step: the full chain from pure noise
-    return GaussianDiffusion.create(schedule, config.diffusion_steps, respacing, start_step=start_step,
-                                    prediction=config.prediction)
+    return diffusion_for_model(config, respacing, start_step=start_step)
 
 
 _diffusion = diffusion_for

@@ -326,3 +326,22 @@ def test_v_training_loss_targets_v_and_an_unknown_prediction_is_refused():
     from sample.generate import diffusion_for
     assert diffusion_for(ModelConfig(image_size=64, prediction="v"), "10").prediction == "v"
     assert diffusion_for(ModelConfig(image_size=64), "10").prediction == "eps"
+
+
+def test_diffusion_for_model_follows_the_model_config():
+    """One place turns a model config into its diffusion: schedule (GLIDE's by model kind unless
+    the config names one), step count and prediction all come from the config."""
+    from glide_jax.config import ModelConfig
+    from glide_jax.diffusion import default_schedule, diffusion_for_model
+
+    base, upsampler = ModelConfig(image_size=64), ModelConfig(image_size=256, super_res=True)
+    assert (default_schedule(base), default_schedule(upsampler)) == ("squaredcos_cap_v2", "linear")
+    assert default_schedule(ModelConfig(image_size=64, noise_schedule="linear")) == "linear"
+    for config in (base, upsampler):
+        made = diffusion_for_model(config, "27")
+        expected = GaussianDiffusion.create(default_schedule(config), 1000, "27")
+        assert made == expected and made.num_timesteps == 27
+    v = ModelConfig(image_size=64, prediction="v", diffusion_steps=500)
+    made = diffusion_for_model(v, start_step=200, schedule="linear")
+    assert (made.prediction, made.original_num_steps, made.num_timesteps) == ("v", 500, 201)
+    assert made == GaussianDiffusion.create("linear", 500, start_step=200, prediction="v")

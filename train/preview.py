@@ -22,7 +22,7 @@ class PreviewSampler:
 
         from glide_jax import data, parallel, sampling
         from glide_jax.config import ConfigError
-        from glide_jax.diffusion import GaussianDiffusion
+        from glide_jax.diffusion import diffusion_for_model
         from glide_jax.unet import GlideUNet
 
         cfg = trainer.cfg
@@ -60,8 +60,8 @@ class PreviewSampler:
         self.known = batch["images"]
 
         model = GlideUNet(mc, jax.numpy.float32)
-        diffusion = GaussianDiffusion.create(trainer.schedule, cfg.diffusion.steps, cfg.sample.respacing,
-                                            prediction=mc.prediction)
+        diffusion = diffusion_for_model(mc, cfg.sample.respacing, schedule=trainer.schedule,
+                                        steps=cfg.diffusion.steps)
         sampler = sampling.ddim_sample if cfg.sample.sampler == "ddim" else sampling.ddpm_sample
         size = mc.image_size
         jnp = jax.numpy

@@ -216,16 +216,14 @@ class Trainer:
 
     def _task(self):
         from glide_jax import training
-        from glide_jax.diffusion import GaussianDiffusion
+        from glide_jax.diffusion import default_schedule, diffusion_for_model
 
         cfg = self.cfg
         if cfg.model_kind == "clip":
             return training.clip_task(self.model_config, compute_dtype=cfg.precision)
         mc = self.model_config
-        # GLIDE's base and inpainting models use the cosine schedule, its upsamplers the linear one.
-        self.schedule = cfg.diffusion.schedule or mc.noise_schedule or (
-            "linear" if cfg.model_kind in ("upsample", "upsample_inpaint") else "squaredcos_cap_v2")
-        self.diffusion = GaussianDiffusion.create(self.schedule, cfg.diffusion.steps, prediction=mc.prediction)
+        self.schedule = cfg.diffusion.schedule or default_schedule(mc)
+        self.diffusion = diffusion_for_model(mc, schedule=self.schedule, steps=cfg.diffusion.steps)
         empty_tokens = empty_mask = None
         if mc.has_text:
             empty_tokens, empty_mask = self.tokenizer.pad_and_mask([], mc.text_ctx)
