@@ -95,7 +95,7 @@ def worker(args) -> None:
 
     available = jax.devices()
     if len(available) < args.count:
-        # An accelerator host has the devices it has; the smaller count's row is already measured.
+        # Accelerators cannot be simulated: a count above what this host has gives no row.
         print(f"{args.count} devices asked for, {len(available)} {available[0].platform} device(s) here: "
               "row skipped", file=sys.stderr)
         print("[]")
