@@ -8,6 +8,7 @@ programs run in milliseconds, and compiling them is what costs time on a CI mach
 
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -339,7 +340,7 @@ def test_config_errors_name_the_key(env, spm_model, workdir):
     assert "xf_heads" in proc.stderr
 
 
-def test_fine_tuning_starts_from_the_given_checkpoint(env, spm_model, workdir):
+def test_fine_tuning_starts_from_the_given_checkpoint(env, spm_model, workdir, caplog):
     import jax
 
     from glide_jax import checkpoint
@@ -360,7 +361,7 @@ def test_fine_tuning_starts_from_the_given_checkpoint(env, spm_model, workdir):
     proc = subprocess.run(train_cmd(path, "--init-from", str(init_dir)), env=env, capture_output=True,
                           text=True, timeout=600, cwd=PROJECT_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "fine-tuning from" in proc.stderr
+    assert "fine-tuning from" in proc.stderr and "the output head's meaning changes" not in proc.stderr
     assert_trees_close(params, saved_params(run_dir, 1), 0.0, "fine-tuned step 1 vs the initial checkpoint")
 
     # A checkpoint of another architecture is refused, naming the parameter that differs.
@@ -371,6 +372,13 @@ def test_fine_tuning_starts_from_the_given_checkpoint(env, spm_model, workdir):
                                       f"checkpoint.dir={workdir / 'refused'}"])
     with pytest.raises(ConfigError, match="init params: parameter .* has shape"):
         Trainer(cfg, raw)
+
+    # Turning an eps checkpoint into a v model is allowed (the demo base was made so), and said.
+    cfg, raw = load_run_config(path, [f"init_from={other}", f"model={json.dumps(dict(TINY_MODEL, prediction='v'))}",
+                                      f"checkpoint.dir={workdir / 'to_v'}"])
+    with caplog.at_level(logging.WARNING, logger="glide_jax.train"), pytest.raises(ConfigError):
+        Trainer(cfg, raw)
+    assert f"init_from {other} predicts eps but this run trains prediction=v" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["base", "upsample", "inpaint", "upsample_inpaint", "clip"])

@@ -147,6 +147,7 @@ class Trainer:
             init_params = None
             if cfg.init_from:
                 log.info("fine-tuning from %s", cfg.init_from)
+                self._warn_if_prediction_changes()
                 init_params = self._init_params()
             self.state = training.create_train_state(
                 self.task, self.optimizer, jax.random.key(cfg.seed), self.mesh, params=init_params,
@@ -178,6 +179,22 @@ class Trainer:
             from glide_jax.clip import ClipConfig
             return ClipConfig.from_dict(options, source="model")
         return ModelConfig.from_dict(options, source="model")
+
+    def _warn_if_prediction_changes(self):
+        """Fine-tuning an eps model into a v model (or back) is legitimate (the demo base was made
+        so), but the same params then mean something else, so it is said out loud, not silent."""
+        from glide_jax import checkpoint
+
+        if self.cfg.model_kind == "clip":
+            return
+        saved = Path(self.cfg.init_from) / checkpoint.CONFIG_FILE
+        if not saved.is_file():
+            return
+        before = json.loads(saved.read_text()).get("prediction", "eps")
+        if before != self.model_config.prediction:
+            log.warning("init_from %s predicts %s but this run trains prediction=%s: the output head's "
+                        "meaning changes, so expect a higher loss at first", self.cfg.init_from, before,
+                        self.model_config.prediction)
 
     def _init_params(self):
         """The `init_from` checkpoint's params, read straight into this run's sharding as float32
