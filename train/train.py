@@ -184,13 +184,14 @@ class Trainer:
         """Fine-tuning an eps model into a v model (or back) is legitimate (the demo base was made
         so), but the same params then mean something else, so it is said out loud, not silent."""
         from glide_jax import checkpoint
+        from glide_jax.config import read_json_object
 
         if self.cfg.model_kind == "clip":
             return
         saved = Path(self.cfg.init_from) / checkpoint.CONFIG_FILE
         if not saved.is_file():
             return
-        before = json.loads(saved.read_text()).get("prediction", "eps")
+        before = read_json_object(saved, "init_from").get("prediction", "eps")
         if before != self.model_config.prediction:
             log.warning("init_from %s predicts %s but this run trains prediction=%s: the output head's "
                         "meaning changes, so expect a higher loss at first", self.cfg.init_from, before,
