@@ -22,18 +22,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glide_jax.checkpoint import load_model
 from glide_jax.config import ModelConfig
-from glide_jax.convert import convert_checkpoint
+from glide_jax.convert import convert_state_dict
 from glide_jax.diffusion import GaussianDiffusion
 from glide_jax.sampling import classifier_free_guidance, ddim_sample
+from glide_jax.pt_reader import load_state_dict
 from glide_jax.unet import GlideUNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +62,12 @@ def variants():
     return [(p, jnp.float32, p) for p in PRECISIONS] + [("bfloat16", jnp.bfloat16, "default")]
 
 
-def unet_rows(golden: Path, name: str, work: Path) -> tuple[list[dict], tuple]:
+def unet_rows(golden: Path, name: str) -> tuple[list[dict], tuple]:
     config = ModelConfig.from_json(golden / f"{name}.config.json")
-    convert_checkpoint(golden / f"{name}.pt", config, work / name)
-    saved, params = load_model(work / name)
-    config = ModelConfig.from_dict(saved)
+    checkpoint = golden / f"{name}.pt"
+    params = convert_state_dict(load_state_dict(checkpoint), config, source=str(checkpoint))
     inputs = np.load(golden / f"{name}.inputs.npz")
-    expected = np.moveaxis(np.load(golden / f"{name}.outputs.npz")["output"], 1, -1)
+    expected = nhwc(np.load(golden / f"{name}.outputs.npz")["output"])
     rows = []
     for label, dtype, precision in variants():
         model = GlideUNet(config, dtype)
@@ -85,7 +83,7 @@ def ddim_rows(golden: Path, config: ModelConfig, params) -> list[dict]:
     ref = np.load(golden / "trace_ddim_cfg.npz")
     diffusion = GaussianDiffusion.create(str(ref["schedule"]), 1000, str(ref["respacing"]))
     noise = nhwc(ref["noise"])
-    expected = np.moveaxis(ref["per_step"][-1], -3, -1)  # the last step's x, NCHW -> NHWC
+    expected = nhwc(ref["per_step"][-1])  # the last step's x
     rows = []
     for label, dtype, precision in variants():
         model = GlideUNet(config, dtype)
@@ -121,20 +119,19 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}", flush=True)
     rows, base = [], None
-    with tempfile.TemporaryDirectory() as work:
-        for name in UNETS:
-            if not (golden / f"{name}.pt").is_file():
-                print(f"{name}: {golden / (name + '.pt')} absent, not measured", flush=True)
-                continue
-            unet, loaded = unet_rows(golden, name, Path(work))
-            rows += unet
-            base = loaded if name == "base" else base
-            for r in unet:
-                print(json.dumps(r), flush=True)
-        if base is not None and (golden / "trace_ddim_cfg.npz").is_file():
-            for r in ddim_rows(golden, *base):
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+    for name in UNETS:
+        if not (golden / f"{name}.pt").is_file():
+            print(f"{name}: {golden / (name + '.pt')} absent, not measured", flush=True)
+            continue
+        unet, loaded = unet_rows(golden, name)
+        rows += unet
+        base = loaded if name == "base" else base
+        for r in unet:
+            print(json.dumps(r), flush=True)
+    if base is not None and (golden / "trace_ddim_cfg.npz").is_file():
+        for r in ddim_rows(golden, *base):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
 
     print("\n| what | variant | max abs | mean abs | share > 2/255 |\n| --- | --- | --- | --- | --- |")
     for r in rows:

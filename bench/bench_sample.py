@@ -331,7 +331,7 @@ def table(results: dict) -> str:
                 f"{r['compile_s']:9.1f}  {r['trace_lower_s']:7.1f}  {r['step_s']:7.4f}  "
                 f"{r['step_cpu_s']:5.2f}  {r['images_per_s']:6.3f}  {_gib(r['peak_memory_bytes']):>8}  "
                 f"{r['load_before']:4.1f}")
-        if t is not None and r["dtype"] == results.get("torch_compared_dtype", "float32"):
+        if t is not None and r["dtype"] == results["torch_compared_dtype"]:
             torch_peak = t.get("peak_device_bytes") or t["peak_rss_bytes"]
             cols += (f"  | {t['step_s']:12.4f}  {r['step_s'] / t['step_s']:5.2f}  {t['step_cpu_s']:11.2f}  "
                      f"{r['step_cpu_s'] / t['step_cpu_s']:9.2f}  {_gib(torch_peak):>14}  "
