@@ -66,6 +66,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0              # global-norm clip; 0 disables
     restart_step: int = 0               # > 0: the schedule, warm-up included, begins again here
+    # Parameter subtrees left as they are ("text_encoder/resblocks_0", ...: '/'-joined leading path
+    # components), e.g. a pretrained text encoder kept fixed under a new U-Net.
+    frozen: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -81,6 +84,10 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
             raise ConfigError(f"optimizer.b1 and optimizer.b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        for prefix in self.frozen:
+            if not isinstance(prefix, str) or not all(prefix.split("/")):
+                raise ConfigError(f"optimizer.frozen entries must be '/'-joined parameter paths such as "
+                                  f"'text_encoder/resblocks_0', got {prefix!r}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -101,15 +108,39 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([once, once], [cfg.restart_step])
 
 
+def frozen_labels(params: Any, frozen: list[str]) -> Any:
+    """"frozen" or "trained" for each leaf of `params`; a prefix that names no parameter is an
+    error (a typo would otherwise train what was meant to stay fixed)."""
+    prefixes = [tuple(p.split("/")) for p in frozen]
+    used = set()
+
+    def label(path, _):
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        hits = [p for p in prefixes if names[:len(p)] == p]
+        used.update(hits)
+        return "frozen" if hits else "trained"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [ "/".join(p) for p in prefixes if p not in used]
+    if unused:
+        top = sorted(str(k) for k in params) if isinstance(params, dict) else []
+        raise ConfigError(f"optimizer.frozen: {unused} name no parameter (top-level parameter groups: {top})")
+    return labels
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW; weight decay only on matrices and kernels, not on
-    biases, norm scales or embeddings' 1-D tables (decaying those only fights the norms)."""
+    biases, norm scales or embeddings' 1-D tables (decaying those only fights the norms).
+    Parameters under `cfg.frozen` get no update (and no optimizer state); the clipping norm is
+    that of the trained parameters' gradients."""
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay,
                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    trained = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    if not cfg.frozen:
+        return trained
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()},
+                                 lambda params: frozen_labels(params, cfg.frozen))
 
 
 # -- state -----------------------------------------------------------------------------------------

@@ -608,3 +608,48 @@ def test_ema_is_the_bias_corrected_average_of_the_run_s_params_or_the_plain_one(
         assert_trees_close(trajectory[0], got, 1e-3, "EMA against the starting params")
     assert float(training.ema_step_rate(rate, 1)) == 0.0
     assert float(training.ema_step_rate(rate, 10_000)) == pytest.approx(rate)
+
+
+def test_frozen_parameters_keep_their_values_and_the_rest_trains():
+    import jax
+
+    from glide_jax import parallel, training
+    from glide_jax.config import ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    task = training.diffusion_task(ModelConfig.from_dict(TINY_MODEL), GaussianDiffusion.create("linear", 100), "base",
+                                   empty_tokens=np.ones(8), empty_mask=np.zeros(8, bool))
+    frozen = ["text_encoder/resblocks_0", "text_encoder/token_embedding"]
+    optimizer = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, frozen=frozen))
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    shardings = training.state_shardings(task, optimizer, mesh)
+    state = training.create_train_state(task, optimizer, jax.random.key(3), mesh)
+    start = parallel.to_host(state.params)
+    step = training.make_train_step(task, optimizer, mesh, shardings, donate=False)
+    rng = np.random.default_rng(0)
+    batch = parallel.shard_batch({"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+                                  "tokens": rng.integers(2, 40, (4, 8)).astype(np.int32),
+                                  "mask": np.ones((4, 8), bool)}, mesh)
+    for _ in range(3):      # zero-initialised output layers keep the text encoder's gradient at 0 for 2
+        state, _ = step(state, batch)
+    end = parallel.to_host(state.params)
+    for prefix in frozen:
+        group, name = prefix.split("/")
+        assert_trees_close(start[group][name], end[group][name], 0.0, prefix)
+    for group, name in [("text_encoder", "positional_embedding"), ("text_encoder", "transformer_proj"),
+                        ("unet", "out_conv")]:
+        with pytest.raises(AssertionError):
+            assert_trees_close(start[group][name], end[group][name], 1e-6, f"{group}/{name}")
+
+
+def test_a_frozen_entry_that_names_no_parameter_is_a_config_error():
+    import jax.numpy as jnp
+
+    from glide_jax import training
+    from glide_jax.config import ConfigError
+
+    params = {"text_encoder": {"resblocks_0": {"w": jnp.ones(2)}}, "unet": {"w": jnp.ones(2)}}
+    with pytest.raises(ConfigError, match=r"\['text_encoder/resblock_0'\] name no parameter .*'text_encoder', 'unet'"):
+        training.make_optimizer(training.OptimizerConfig(frozen=["text_encoder/resblock_0"])).init(params)
+    with pytest.raises(ConfigError, match="'/'-joined parameter paths"):
+        training.OptimizerConfig(frozen=["text_encoder//x"])
