@@ -167,3 +167,18 @@ def test_binding_teaches_a_text_transformer_what_a_linear_probe_could_not_read_a
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(bound["unet"])))
     assert bind_text.frozen_paths(bound["text_encoder"]) == [
         f"text_encoder/{n}" for n in sorted(params["text_encoder"]) if n != "transformer_proj"]
+
+
+def test_binding_with_a_keep_weight_changes_the_features_less():
+    from glide_jax import tokenizers
+
+    tokenizer = tokenizers.SentencePieceTokenizer(str(PROJECT_ROOT / "demo" / "tokenizer.model"))
+    config = {**SMALL, "attention_resolutions": "8", "text_ctx": 16, "n_vocab": tokenizer.n_vocab}
+    params = jax.tree.map(np.asarray, unet.init_params(ModelConfig.from_dict(config), jax.random.key(0)))
+    change = {}
+    for weight in (0.0, 10.0):
+        _, accuracy = bind_text.bind(params, config, tokenizer, steps=100, batch_size=32, learning_rate=3e-3,
+                                     seed=0, keep_weight=weight, probe_size=100, log=lambda *_: None)
+        assert accuracy["before"]["train"]["feature_change"] == 0.0
+        change[weight] = accuracy["after"]["train"]["feature_change"]
+    assert change[10.0] < 0.5 * change[0.0], change
