@@ -217,15 +217,7 @@ def main(argv=None) -> int:
 
     import json
 
-    from glide_jax import checkpoint, tokenizers
-
-    model_dir = Path(args.model)
-    tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise SystemExit(f"error: {tokenizer_path} not found: the model's sentencepiece tokenizer is needed")
-    config, params = checkpoint.load_model(model_dir, dtype=np.float32)
-    tokenizer = tokenizers.SentencePieceTokenizer(str(tokenizer_path))
-    from glide_jax import shapes
+    from glide_jax import checkpoint, shapes, tokenizers
 
     pairs = tuple(p.strip() for p in args.validation_pairs.split(",") if p.strip())
     known = [f"{c} {k}" for c, k in shapes.TRAIN_COMBINATIONS]
@@ -233,6 +225,12 @@ def main(argv=None) -> int:
         if pair not in known:
             raise SystemExit(f"error: --validation-pairs: {pair!r} is not a training colour-shape pair; "
                              f"expected some of {known}")
+    model_dir = Path(args.model)
+    tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise SystemExit(f"error: {tokenizer_path} not found: the model's sentencepiece tokenizer is needed")
+    config, params = checkpoint.load_model(model_dir, dtype=np.float32)
+    tokenizer = tokenizers.SentencePieceTokenizer(str(tokenizer_path))
     bound, accuracy = bind(params, config, tokenizer, steps=args.steps, batch_size=args.batch_size,
                            learning_rate=args.learning_rate, seed=args.seed, keep_weight=args.keep_weight,
                            validation_pairs=pairs)

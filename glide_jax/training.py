@@ -121,7 +121,7 @@ def frozen_labels(params: Any, frozen: list[str]) -> Any:
         return "frozen" if hits else "trained"
 
     labels = jax.tree_util.tree_map_with_path(label, params)
-    unused = [ "/".join(p) for p in prefixes if p not in used]
+    unused = ["/".join(p) for p in prefixes if p not in used]
     if unused:
         top = sorted(str(k) for k in params) if isinstance(params, dict) else []
         raise ConfigError(f"optimizer.frozen: {unused} name no parameter (top-level parameter groups: {top})")
