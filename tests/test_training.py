@@ -653,3 +653,23 @@ def test_a_frozen_entry_that_names_no_parameter_is_a_config_error():
         training.make_optimizer(training.OptimizerConfig(frozen=["text_encoder/resblock_0"])).init(params)
     with pytest.raises(ConfigError, match="'/'-joined parameter paths"):
         training.OptimizerConfig(frozen=["text_encoder//x"])
+
+
+def test_a_run_resumes_only_with_the_frozen_list_it_was_trained_with(env, spm_model, workdir):
+    run_dir = workdir / "frozen_run"
+    frozen = ["text_encoder/resblocks_0"]
+    config = write_config(workdir / "frozen.json",
+                          run_config(spm_model, run_dir, train_steps=5, optimizer__frozen=frozen))
+    proc = subprocess.run(train_cmd(config), env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The same list resumes; another one is a config error that names both, not orbax's tree mismatch.
+    proc = subprocess.run(train_cmd(config, "train_steps=10"), env=env, capture_output=True, text=True,
+                          timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (run_dir / "10").is_dir()
+    proc = subprocess.run(train_cmd(config, "train_steps=15", "optimizer.frozen=[]"), env=env, capture_output=True,
+                          text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert (f"optimizer.frozen is [], but the checkpoints in {run_dir} were trained with "
+            "['text_encoder/resblocks_0']") in proc.stderr
+    assert not (run_dir / "15").exists()

@@ -307,6 +307,7 @@ class Trainer:
 
         from glide_jax import training
 
+        self._check_frozen_unchanged(step)
         abstract = training.abstract_state(self.task, self.optimizer)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -318,6 +319,20 @@ class Trainer:
                               f"processes; this run has {jax.process_count()} (data positions are per process)")
         log.info("resumed from %s at step %d", self.run_dir, step)
         return restored["state"], data_states
+
+    def _check_frozen_unchanged(self, step: int) -> None:
+        """Frozen parameters have no optimizer state, so a resume with another `optimizer.frozen`
+        could not restore it: say so instead of orbax's tree-structure mismatch."""
+        import orbax.checkpoint as ocp
+
+        from glide_jax.config import ConfigError
+
+        saved = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+        saved_frozen = list((saved.get("optimizer") or {}).get("frozen", []))
+        if saved_frozen != list(self.cfg.optimizer.frozen):
+            raise ConfigError(f"optimizer.frozen is {list(self.cfg.optimizer.frozen)}, but the checkpoints in "
+                              f"{self.run_dir} were trained with {saved_frozen}; resume with the same list, or "
+                              f"start a new checkpoint.dir with init_from (export the run first)")
 
     def save(self, step: int) -> None:
         import orbax.checkpoint as ocp
