@@ -456,7 +456,7 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, me
             (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro_batches, micro_rows))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rate = ema_step_rate(ema_rate, state.step + 1) if ema_debias else ema_rate
