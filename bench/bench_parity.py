@@ -31,8 +31,8 @@ import numpy as np
 from glide_jax.config import ModelConfig
 from glide_jax.convert import convert_state_dict
 from glide_jax.diffusion import GaussianDiffusion
-from glide_jax.sampling import classifier_free_guidance, ddim_sample
 from glide_jax.pt_reader import load_state_dict
+from glide_jax.sampling import classifier_free_guidance, ddim_sample
 from glide_jax.unet import GlideUNet
 
 ROOT = Path(__file__).resolve().parent.parent

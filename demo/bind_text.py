@@ -180,9 +180,11 @@ def bind(params: dict, config: dict, tokenizer, *, steps: int, batch_size: int, 
         probes["validation"] = caption_batch(probe_seed, 0, probe_size, tokenizer, ctx, pairs=validation_pairs,
                                              with_pairs=True)[0]
 
+    evaluate = jax.jit(loss_and_accuracy)
+
     def measure(trainable):
         return {split: dict(zip(("feature_change",) + TARGETS,
-                                np.asarray(jax.jit(loss_and_accuracy)(trainable, *b)[1]).round(4).tolist()))
+                                np.asarray(evaluate(trainable, *b)[1]).round(4).tolist()))
                 for split, b in probes.items()}
 
     text = original = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params["text_encoder"])
