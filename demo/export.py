@@ -137,7 +137,8 @@ def grow_attention(trained: dict, grown: dict) -> dict:
     with every trained layer copied in. Within a block, layers are matched in order by kind (the
     names of their sub-modules), since an inserted attention layer shifts the index of the
     upsampling layer after it; the layers only `grown` has must be attention layers and keep their
-    initialisation, whose zero output projection makes them identity maps."""
+    initialisation, whose zero output projection makes them identity maps. A position embedding
+    that only `grown` has (`attention_position_embedding`) keeps its initialisation too: zero."""
     old_blocks, new_blocks = _blocks(trained["unet"]), _blocks(grown["unet"])
     if set(old_blocks) - set(new_blocks):
         raise SystemExit(f"error: the grown U-Net lacks {sorted(set(old_blocks) - set(new_blocks))}")
@@ -145,10 +146,13 @@ def grow_attention(trained: dict, grown: dict) -> dict:
     for block, new_layers in new_blocks.items():
         pending = list(old_blocks.get(block, []))
         for name, fresh in new_layers:
-            if pending and set(pending[0][1]) == set(fresh):
+            trained_keys = set(pending[0][1]) if pending else set()
+            added = {key: fresh[key] for key in {"position_embedding"} & (set(fresh) - trained_keys)}
+            kept = {key: value for key, value in fresh.items() if key not in added}
+            if pending and trained_keys == set(kept):
                 old_name, weights = pending.pop(0)
-                _check_fits(weights, fresh, f"unet/{old_name} -> unet/{name}")
-                unet_params[name] = weights
+                _check_fits(weights, kept, f"unet/{old_name} -> unet/{name}")
+                unet_params[name] = {**weights, **added}
             elif "qkv" not in fresh:
                 raise SystemExit(f"error: unet/{name} is new in the grown U-Net but is not an attention layer")
         if pending:
@@ -182,8 +186,8 @@ def grow(args) -> None:
     from glide_jax import checkpoint, unet
     from glide_jax.config import ModelConfig
 
-    if not args.attention_resolutions and not args.text_layers:
-        raise SystemExit("error: grow needs --attention-resolutions and/or --text-layers")
+    if not (args.attention_resolutions or args.text_layers or args.attention_positions):
+        raise SystemExit("error: grow needs --attention-resolutions, --text-layers and/or --attention-positions")
     step, raw, params = newest_run_state(Path(args.run).absolute())
     config = model_config(raw)
     if args.attention_resolutions:
@@ -192,13 +196,16 @@ def grow(args) -> None:
         if args.text_layers < config["xf_layers"]:
             raise SystemExit(f"error: --text-layers {args.text_layers} is fewer than the trained {config['xf_layers']}")
         config["xf_layers"] = args.text_layers
+    if args.attention_positions:
+        config["attention_position_embedding"] = True
     fresh = jax.tree.map(np.asarray, unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed)))
     grown = grow_attention(params, fresh)
     if "text_encoder" in params:
         grown["text_encoder"] = grow_text_layers(params["text_encoder"], fresh["text_encoder"])
     checkpoint.save_model(Path(args.out), grown, config, overwrite=True)
     added = unet.count_params(grown) - unet.count_params(params)
-    print(f"wrote {args.out}: step {step}, attention at {config['attention_resolutions']}, "
+    positions = ", position embeddings" if config.get("attention_position_embedding") else ""
+    print(f"wrote {args.out}: step {step}, attention at {config['attention_resolutions']}{positions}, "
           f"{config['xf_layers']} text layers, {added} new params")
 
 
@@ -217,6 +224,8 @@ def main(argv=None) -> int:
     g.add_argument("--out", required=True)
     g.add_argument("--attention-resolutions", help="U-Net attention resolutions of the grown model, e.g. 16,8")
     g.add_argument("--text-layers", type=int, help="text-transformer layers of the grown model")
+    g.add_argument("--attention-positions", action="store_true",
+                   help="add a position embedding (zero) to every attention layer (attention_position_embedding)")
     g.add_argument("--seed", type=int, default=0, help="initialises the added layers")
     args = parser.parse_args(argv)
     {"model": export_model, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)

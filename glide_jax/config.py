@@ -72,6 +72,11 @@ class ModelConfig:
     # GLIDE model) or "v" (alpha·eps - sigma·x_0, Salimans & Ho 2022; see glide_jax.diffusion).
     # Same network and params either way, but not interchangeable: it belongs to the weights.
     prediction: str = "eps"
+    # A learned embedding of each image position, added to every attention layer's normalised input
+    # (zero at initialisation). GLIDE has none: attention cannot tell places apart, and the padding
+    # of the convolutions is the network's only sense of where it is, so a small model cannot put
+    # "the red circle to the left of the blue square" where its caption says.
+    attention_position_embedding: bool = False
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False

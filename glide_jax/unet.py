@@ -69,12 +69,17 @@ class AttentionBlock(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     norm_groups: int = GROUPNORM_GROUPS
+    position_embedding: bool = False  # see ModelConfig.attention_position_embedding
 
     @nn.compact
     def __call__(self, x, xf_out=None):
         batch, height, width, channels = x.shape
         head_ch = channels // self.heads
         h = GroupNorm32(groups=self.norm_groups, name="norm")(x).reshape(batch, height * width, channels)
+        if self.position_embedding:
+            # Zero at initialisation, so adding it to a trained model leaves its function unchanged.
+            positions = self.param("position_embedding", nn.initializers.zeros, (height * width, channels), jnp.float32)
+            h = h + positions.astype(h.dtype)
         # Fused projections are laid out [head][q|k|v][channel], matching the reference's weights.
         qkv = dense(3 * channels, self.dtype, "qkv")(h)
         qkv = qkv.reshape(batch, height * width, self.heads, 3, head_ch)
@@ -142,7 +147,7 @@ class UNet(nn.Module):
 
         def attention(ch, heads, name):
             return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
-                                  name=name)
+                                  cfg.attention_position_embedding, name=name)
 
         emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_0")(emb)

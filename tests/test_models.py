@@ -295,3 +295,36 @@ def test_norm_groups_sets_every_group_norm_and_lets_blocks_see_the_overall_colou
     a = GlideUNet(config).apply({"params": params}, x8, t)
     b = GlideUNet(fewer).apply({"params": params}, x8, t)
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+
+
+def test_attention_position_embedding_lets_attention_tell_places_apart():
+    from glide_jax.unet import AttentionBlock
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    text = np.random.default_rng(1).normal(size=(2, 3, 8)).astype(np.float32)
+    mirrored = x[:, :, ::-1]
+    plain = AttentionBlock(heads=2, norm_groups=2)
+    params = randomized(plain.init(jax.random.key(0), x, text)["params"])
+    # Without positions, attention is the same map at every place: mirror the input, and the
+    # output is mirrored too, so "left of" and "right of" cannot be told apart by it.
+    np.testing.assert_allclose(np.asarray(plain.apply({"params": params}, mirrored, text)),
+                               np.asarray(plain.apply({"params": params}, x, text))[:, :, ::-1], atol=1e-5)
+
+    placed = AttentionBlock(heads=2, norm_groups=2, position_embedding=True)
+    fresh = placed.init(jax.random.key(0), x, text)["params"]
+    assert fresh["position_embedding"].shape == (16, 8)
+    np.testing.assert_array_equal(fresh["position_embedding"], 0.0)   # starts as the plain block
+    np.testing.assert_array_equal(placed.apply({"params": {**params, "position_embedding": fresh["position_embedding"]}}, x, text),
+                                  plain.apply({"params": params}, x, text))
+    trained = {**params, "position_embedding": np.random.default_rng(2).normal(size=(16, 8)).astype(np.float32)}
+    out = np.asarray(placed.apply({"params": trained}, x, text))
+    assert np.abs(np.asarray(placed.apply({"params": trained}, mirrored, text)) - out[:, :, ::-1]).max() > 1e-3
+
+    # The U-Net gives one to each attention layer when the config asks, and none otherwise.
+    config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                         num_head_channels=8, xf_width=0, dropout=0.0, norm_groups=4)
+    with_positions = ModelConfig(**{**config.to_dict(), "attention_position_embedding": True})
+    shapes = param_shapes(with_positions)["unet"]
+    assert {name: layer["position_embedding"].shape for name, layer in shapes.items() if "position_embedding" in layer} == {
+        "input_blocks_3_1": (16, 32), "middle_block_1": (16, 32), "output_blocks_0_1": (16, 32), "output_blocks_1_1": (16, 32)}
+    assert not any("position_embedding" in layer for layer in param_shapes(config)["unet"].values())
