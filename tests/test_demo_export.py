@@ -122,6 +122,7 @@ def test_the_inpainting_start_computes_the_base_model_whatever_the_hole():
 
 
 import bind_text  # noqa: E402
+import probe_binding  # noqa: E402
 
 
 def test_binding_labels_mark_each_object_s_words_with_its_colour_shape_and_place():
@@ -200,3 +201,33 @@ def test_added_position_embeddings_start_at_zero():
     nudged = jax.tree.map(lambda a: a, grown)
     nudged["unet"]["middle_block_1"]["position_embedding"] = np.full((16, 32), 0.5, np.float32)
     assert not np.allclose(outputs(placed, nudged), outputs(small, trained), atol=1e-3)
+
+
+def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
+    import dataclasses
+
+    from glide_jax import shapes
+
+    scenes, images, _ = probe_binding.two_colour_scenes(6, seed=5, size=32)
+    swapped_images = []
+    for scene in scenes:
+        a, b = scene.shapes
+        swapped = shapes.Scene(scene.background, (dataclasses.replace(a, colour=b.colour),
+                                                  dataclasses.replace(b, colour=a.colour)), scene.relation)
+        swapped_images.append(swapped.render(32).astype(np.float32) / 127.5 - 1)
+    drawn = {**dict(zip(probe_binding.captions(scenes, False), images)),
+             **dict(zip(probe_binding.captions(scenes, True), swapped_images))}
+    alpha_bar = np.linspace(0.999, 0.001, 1000)
+
+    def binds(noisy, t, texts):       # draws each caption's colours on the objects it names
+        return np.stack([drawn[text] for text in texts])
+
+    def reads_the_image(noisy, t, texts):
+        return noisy / np.sqrt(alpha_bar[t])
+
+    kwargs = dict(count=6, seed=5, timesteps=(100, 990))
+    assert probe_binding.follow_rates(binds, alpha_bar, **kwargs) == {100: {"own": 1.0, "swapped": 1.0},
+                                                                      990: {"own": 1.0, "swapped": 1.0}}
+    reader = probe_binding.follow_rates(reads_the_image, alpha_bar, **kwargs)
+    assert reader[100] == {"own": 1.0, "swapped": 0.0}
+    assert 0.2 < reader[990]["own"] < 0.8 and 0.2 < reader[990]["swapped"] < 0.8   # the noise decides
