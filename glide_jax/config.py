@@ -73,9 +73,10 @@ class ModelConfig:
     # Same network and params either way, but not interchangeable: it belongs to the weights.
     prediction: str = "eps"
     # A learned embedding of each image position, added to every attention layer's normalised input
-    # (zero at initialisation). GLIDE has none: attention cannot tell places apart, and the padding
-    # of the convolutions is the network's only sense of where it is, so a small model cannot put
-    # "the red circle to the left of the blue square" where its caption says.
+    # (zero at initialisation; its shape ties the model to image_size). GLIDE has none: its attention
+    # cannot tell places apart, and the convolutions' padding is the network's only sense of where it
+    # is. Meant to help a small model place "the red circle to the left of the blue square"; on the
+    # demo base it did not (demo/REPRODUCE.md).
     attention_position_embedding: bool = False
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
