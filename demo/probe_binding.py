@@ -8,8 +8,13 @@ swapped between the objects ("a blue circle left of a red square" for a red circ
 square). At small t the noisy image shows the colours and a model follows it whatever the caption;
 near t = T only the caption can tell. A model that binds follows the swapped caption there, putting
 the colour it names on the object it names; one that reads the caption as a bag of colours follows
-neither, and the colours of the sample are decided by the noise. The report gives, per t, the share
-of objects whose predicted colour is nearer the colour each caption gives them than the other one.
+neither, and the colours of the sample are decided by the noise. One-object scenes under a caption
+naming another colour show, for comparison, how far the caption decides a colour where nothing has
+to be bound. The report gives, per t, the share of objects whose predicted colour is nearer the
+colour the caption gives them than the other one. `--without pooled-text` / `--without
+token-attention` zero one of the two ways the U-Net reads the caption (the pooled vector added to
+the timestep embedding, the tokens in attention), to see which one carries the colours: only the
+tokens can tell two objects apart.
 """
 
 from __future__ import annotations
@@ -31,39 +36,58 @@ TIMESTEPS = (300, 500, 700, 800, 900, 950, 990)
 Predictor = Callable[[np.ndarray, int, Sequence[str]], np.ndarray]
 
 
-def two_colour_scenes(count: int, seed: int, size: int):
-    """(scenes, their images in [-1, 1], each object's area as boolean [H, W]) for `count` training
-    scenes with two objects of different colours."""
+def probe_scenes(count: int, seed: int, objects: int) -> list:
+    """The first `count` training scenes of stream `seed` with `objects` shapes (of two different
+    colours when there are two)."""
     from glide_jax import shapes
 
     scenes, index = [], 0
     while len(scenes) < count:
         scene = shapes.scene_at(seed, index, "train")
         index += 1
-        if len(scene.shapes) == 2 and scene.shapes[0].colour != scene.shapes[1].colour:
+        if len(scene.shapes) == objects and len({s.colour for s in scene.shapes}) == objects:
             scenes.append(scene)
-    images = np.stack([scene.render(size) for scene in scenes]).astype(np.float32) / 127.5 - 1
+    return scenes
 
-    def area(scene, shape):   # pixels at least half covered by the shape, drawn alone
+
+def object_areas(scene, size: int) -> list[np.ndarray]:
+    """Per shape, the pixels [size, size] at least half covered by it (drawn alone)."""
+    from glide_jax import shapes
+
+    background = np.asarray(shapes.COLOURS[scene.background], np.float32)
+    areas = []
+    for shape in scene.shapes:
         alone = shapes.Scene(scene.background, (shape,)).render(size).astype(np.float32)
-        background = np.asarray(shapes.COLOURS[scene.background], np.float32)
         full = np.linalg.norm(np.asarray(shapes.COLOURS[shape.colour], np.float32) - background)
-        return np.linalg.norm(alone - background, axis=-1) >= full / 2
+        areas.append(np.linalg.norm(alone - background, axis=-1) >= full / 2)
+    return areas
 
-    return scenes, images, [[area(scene, shape) for shape in scene.shapes] for scene in scenes]
+
+def changed_colours(scene) -> tuple[str, ...]:
+    """The colours the changed caption gives the scene's shapes: two shapes swap theirs; one shape
+    gets the next colour of the palette that is neither its own nor the background."""
+    from glide_jax import shapes
+
+    if len(scene.shapes) == 2:
+        return scene.shapes[1].colour, scene.shapes[0].colour
+    own = scene.shapes[0].colour
+    palette = shapes.SHAPE_COLOURS
+    start = palette.index(own)
+    others = [palette[(start + k) % len(palette)] for k in range(1, len(palette))]
+    return (next(c for c in others if c != scene.background),)
 
 
-def captions(scenes, swap_colours: bool) -> list[str]:
-    """One phrasing per scene (cycling through the phrasings), with the objects' colours swapped
-    if asked; the same phrasing either way, so only the colours differ."""
+def captions(scenes, change_colours: bool) -> list[str]:
+    """One phrasing per scene (cycling through the phrasings), with the colours changed
+    (`changed_colours`) if asked; the same phrasing either way, so only the colours differ."""
     from glide_jax import shapes
 
     out = []
     for i, scene in enumerate(scenes):
         spec = scene.spec
-        if swap_colours:
-            (colour_a, kind_a), (colour_b, kind_b) = spec.objects
-            spec = shapes.SceneSpec(spec.background, ((colour_b, kind_a), (colour_a, kind_b)), spec.relation)
+        if change_colours:
+            objects = tuple((colour, kind) for colour, (_, kind) in zip(changed_colours(scene), spec.objects))
+            spec = shapes.SceneSpec(spec.background, objects, spec.relation)
         phrasings = shapes.captions_for(spec)
         out.append(phrasings[i % len(phrasings)])
     return out
@@ -71,32 +95,68 @@ def captions(scenes, swap_colours: bool) -> list[str]:
 
 def follow_rates(predict: Predictor, alpha_bar: np.ndarray, count: int = 64, seed: int = 4242, size: int = 32,
                  timesteps: Sequence[int] = TIMESTEPS, noise_seed: int = 0) -> dict[int, dict[str, float]]:
-    """{t: {"own": share following the scene's caption, "swapped": share following the swapped
-    caption}}; the same noise for every t and both captions."""
+    """{t: {"own": two-object scenes, their own caption; "swapped": the colours swapped between
+    the objects; "recoloured": one-object scenes, a caption naming another colour}}: the share of
+    objects whose predicted colour is nearer the one the caption names than the other. The same
+    noise for every t and caption."""
     from glide_jax import shapes
 
-    scenes, images, areas = two_colour_scenes(count, seed, size)
-    colours = [[np.asarray(shapes.COLOURS[s.colour], np.float32) / 127.5 - 1 for s in scene.shapes] for scene in scenes]
-    noise = np.random.default_rng(noise_seed).standard_normal(images.shape).astype(np.float32)
-    own, swapped = captions(scenes, False), captions(scenes, True)
-    rates = {}
-    for t in timesteps:
-        noisy = np.sqrt(alpha_bar[t]) * images + np.sqrt(1 - alpha_bar[t]) * noise
-        rates[t] = {}
-        for name, texts, swap in (("own", own, False), ("swapped", swapped, True)):
-            predicted = np.asarray(predict(noisy, t, texts))
-            followed = 0
-            for i in range(count):
-                for j in range(2):
-                    mean = predicted[i][areas[i][j]].mean(axis=0)
-                    named, other = (colours[i][1 - j], colours[i][j]) if swap else (colours[i][j], colours[i][1 - j])
-                    followed += np.linalg.norm(mean - named) < np.linalg.norm(mean - other)
-            rates[t][name] = followed / (2 * count)
+    def colour(name):
+        return np.asarray(shapes.COLOURS[name], np.float32) / 127.5 - 1
+
+    rates: dict[int, dict[str, float]] = {t: {} for t in timesteps}
+    for objects, kinds in ((2, (("own", False), ("swapped", True))), (1, (("recoloured", True),))):
+        scenes = probe_scenes(count, seed, objects)
+        images = np.stack([scene.render(size) for scene in scenes]).astype(np.float32) / 127.5 - 1
+        areas = [object_areas(scene, size) for scene in scenes]
+        noise = np.random.default_rng(noise_seed).standard_normal(images.shape).astype(np.float32)
+        for t in timesteps:
+            noisy = np.sqrt(alpha_bar[t]) * images + np.sqrt(1 - alpha_bar[t]) * noise
+            for name, change in kinds:
+                predicted = np.asarray(predict(noisy, t, captions(scenes, change)))
+                followed = 0
+                for i, scene in enumerate(scenes):
+                    drawn = [s.colour for s in scene.shapes]
+                    named = changed_colours(scene) if change else drawn
+                    for j in range(objects):
+                        other = drawn[j] if change else drawn[1 - j]
+                        mean = predicted[i][areas[i][j]].mean(axis=0)
+                        followed += np.linalg.norm(mean - colour(named[j])) < np.linalg.norm(mean - colour(other))
+                rates[t][name] = followed / (objects * count)
     return rates
 
 
-def model_predictor(model_dir: Path) -> tuple[Predictor, np.ndarray]:
-    """The conditional x_0 prediction of an exported demo base model, and its alpha_bar schedule."""
+# What `--without` zeroes: the pooled caption vector added to the timestep embedding, or the
+# caption's tokens in every attention layer (their keys and values).
+TEXT_PATHS = {"pooled-text": lambda path: path[:2] == ("text_encoder", "transformer_proj"),
+              "token-attention": lambda path: "encoder_kv" in path}
+
+
+def without_text_path(params: dict, which: str) -> dict:
+    """`params` with one of the U-Net's two ways of reading the caption zeroed (TEXT_PATHS)."""
+    import jax
+
+    if which not in TEXT_PATHS:
+        raise SystemExit(f"error: --without must be one of {sorted(TEXT_PATHS)}, got {which!r}")
+    matches = TEXT_PATHS[which]
+    found = []
+
+    def zero_if_matching(path, leaf):
+        names = tuple(str(getattr(key, "key", key)) for key in path)
+        if matches(names):
+            found.append(names)
+            return np.zeros_like(leaf)
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(zero_if_matching, params)
+    if not found:
+        raise SystemExit(f"error: the model has no {which} parameters to zero")
+    return out
+
+
+def model_predictor(model_dir: Path, without: str | None = None) -> tuple[Predictor, np.ndarray]:
+    """The conditional x_0 prediction of an exported demo base model (with a text path zeroed if
+    `without` names one), and its alpha_bar schedule."""
     import jax
     import jax.numpy as jnp
 
@@ -106,6 +166,8 @@ def model_predictor(model_dir: Path) -> tuple[Predictor, np.ndarray]:
 
     config, params = checkpoint.load_model(model_dir, dtype=np.float32)
     config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
+    if without:
+        params = without_text_path(params, without)
     tokenizer = tokenizers.SentencePieceTokenizer(str(model_dir / "tokenizer.model"))
     if not config.noise_schedule:
         raise SystemExit(f"error: {model_dir / 'config.json'} names no noise_schedule")
@@ -129,15 +191,19 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="an exported base model directory (config.json, params, tokenizer.model)")
     parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--seed", type=int, default=4242, help="the training-scene stream the scenes come from")
+    parser.add_argument("--without", choices=sorted(TEXT_PATHS),
+                        help="zero one of the U-Net's two ways of reading the caption, to see which carries the colours")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.model").is_file():
         raise SystemExit(f"error: {model_dir} is not an exported base model (config.json and tokenizer.model expected)")
-    predict, alpha_bar = model_predictor(model_dir)
-    print(f"{model_dir}: {args.scenes} two-object scenes (seed {args.seed}); share of objects whose predicted "
-          "colour follows the caption")
+    predict, alpha_bar = model_predictor(model_dir, args.without)
+    without = f", without {args.without}" if args.without else ""
+    print(f"{model_dir}{without}: {args.scenes} two-object and {args.scenes} one-object scenes (seed {args.seed}); "
+          "share of objects whose predicted colour is the one the caption names")
     for t, rate in follow_rates(predict, alpha_bar, args.scenes, args.seed).items():
-        print(f"t={t:4d}  own caption {rate['own']:.2f}  swapped colours {rate['swapped']:.2f}")
+        print(f"t={t:4d}  two objects: own caption {rate['own']:.2f}, colours swapped {rate['swapped']:.2f}"
+              f"  one object, another colour named: {rate['recoloured']:.2f}")
     return 0
 
 

@@ -2,6 +2,7 @@
 inpainting model's widened input, keep the trained model's function exactly, so training continues
 where it left off."""
 
+import dataclasses
 import sys
 
 import jax
@@ -204,19 +205,19 @@ def test_added_position_embeddings_start_at_zero():
 
 
 def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
-    import dataclasses
-
     from glide_jax import shapes
 
-    scenes, images, _ = probe_binding.two_colour_scenes(6, seed=5, size=32)
-    swapped_images = []
-    for scene in scenes:
-        a, b = scene.shapes
-        swapped = shapes.Scene(scene.background, (dataclasses.replace(a, colour=b.colour),
-                                                  dataclasses.replace(b, colour=a.colour)), scene.relation)
-        swapped_images.append(swapped.render(32).astype(np.float32) / 127.5 - 1)
-    drawn = {**dict(zip(probe_binding.captions(scenes, False), images)),
-             **dict(zip(probe_binding.captions(scenes, True), swapped_images))}
+    drawn = {}
+    for objects in (2, 1):
+        scenes = probe_binding.probe_scenes(6, seed=5, objects=objects)
+        for scene, own, changed in zip(scenes, probe_binding.captions(scenes, False), probe_binding.captions(scenes, True)):
+            recoloured = shapes.Scene(scene.background, tuple(
+                dataclasses.replace(shape, colour=colour) for shape, colour in zip(scene.shapes, probe_binding.changed_colours(scene))),
+                scene.relation)
+            # The changed caption says what is drawn here (parse_caption may name the objects in another order).
+            assert shapes.parse_caption(changed) in {shapes.parse_caption(c) for c in recoloured.captions()}
+            drawn[own] = scene.render(32).astype(np.float32) / 127.5 - 1
+            drawn[changed] = recoloured.render(32).astype(np.float32) / 127.5 - 1
     alpha_bar = np.linspace(0.999, 0.001, 1000)
 
     def binds(noisy, t, texts):       # draws each caption's colours on the objects it names
@@ -225,9 +226,22 @@ def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
     def reads_the_image(noisy, t, texts):
         return noisy / np.sqrt(alpha_bar[t])
 
-    kwargs = dict(count=6, seed=5, timesteps=(100, 990))
-    assert probe_binding.follow_rates(binds, alpha_bar, **kwargs) == {100: {"own": 1.0, "swapped": 1.0},
-                                                                      990: {"own": 1.0, "swapped": 1.0}}
+    kwargs = dict(count=6, seed=5, timesteps=(100, 999))
+    every = {"own": 1.0, "swapped": 1.0, "recoloured": 1.0}
+    assert probe_binding.follow_rates(binds, alpha_bar, **kwargs) == {100: every, 999: every}
     reader = probe_binding.follow_rates(reads_the_image, alpha_bar, **kwargs)
-    assert reader[100] == {"own": 1.0, "swapped": 0.0}
-    assert 0.2 < reader[990]["own"] < 0.8 and 0.2 < reader[990]["swapped"] < 0.8   # the noise decides
+    assert reader[100] == {"own": 1.0, "swapped": 0.0, "recoloured": 0.0}
+    assert all(0.2 < share < 0.8 for share in reader[999].values()), reader[999]   # the noise decides
+
+
+def test_binding_probe_zeroes_one_text_path():
+    params = {"text_encoder": {"transformer_proj": {"kernel": np.ones((2, 3))}, "token_embedding": {"embedding": np.ones(4)}},
+              "unet": {"middle_block_1": {"encoder_kv": {"kernel": np.ones((2, 6))}, "qkv": {"kernel": np.ones((3, 9))}}}}
+    pooled = probe_binding.without_text_path(params, "pooled-text")
+    assert not pooled["text_encoder"]["transformer_proj"]["kernel"].any()
+    assert pooled["unet"]["middle_block_1"]["encoder_kv"]["kernel"].all() and pooled["text_encoder"]["token_embedding"]["embedding"].all()
+    tokens = probe_binding.without_text_path(params, "token-attention")
+    assert not tokens["unet"]["middle_block_1"]["encoder_kv"]["kernel"].any()
+    assert tokens["unet"]["middle_block_1"]["qkv"]["kernel"].all() and tokens["text_encoder"]["transformer_proj"]["kernel"].all()
+    with pytest.raises(SystemExit, match="no token-attention parameters"):
+        probe_binding.without_text_path({"unet": {"qkv": {"kernel": np.ones(2)}}}, "token-attention")
