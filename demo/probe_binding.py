@@ -164,26 +164,26 @@ def model_predictor(model_dir: Path, without: str | None = None) -> tuple[Predic
     from glide_jax.config import ModelConfig
     from glide_jax.unet import GlideUNet
 
-    config, params = checkpoint.load_model(model_dir, dtype=np.float32)
-    config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
+    raw_config, params = checkpoint.load_model(model_dir, dtype=np.float32)
+    config = ModelConfig.from_dict(raw_config)
     if without:
         params = without_text_path(params, without)
     tokenizer = tokenizers.SentencePieceTokenizer(str(model_dir / "tokenizer.model"))
-    if not config.noise_schedule:
-        raise SystemExit(f"error: {model_dir / 'config.json'} names no noise_schedule")
-    alpha_bar = np.cumprod(1.0 - diffusion.get_named_beta_schedule(config.noise_schedule, config.diffusion_steps))
+    process = diffusion.diffusion_for_model(config)
     model = GlideUNet(config)
-    apply = jax.jit(lambda x, t, tokens, mask: model.apply({"params": params}, x, t, tokens, mask))
+
+    @jax.jit
+    def x0_prediction(noisy, t, tokens, mask):
+        output = model.apply({"params": params}, noisy, t, tokens, mask)
+        mean_prediction, _ = process.split_model_output(output, noisy)
+        return process.predict_xstart(noisy, t, mean_prediction)
 
     def predict(noisy, t, texts):
         tokens, mask = tokenizer.tokenize_batch(list(texts), config.text_ctx)
-        out = np.asarray(apply(jnp.asarray(noisy), jnp.full((len(texts),), t), jnp.asarray(tokens), jnp.asarray(mask)))
-        mean_prediction = out[..., :3]
-        if config.prediction == "v":
-            return np.sqrt(alpha_bar[t]) * noisy - np.sqrt(1 - alpha_bar[t]) * mean_prediction
-        return (noisy - np.sqrt(1 - alpha_bar[t]) * mean_prediction) / np.sqrt(alpha_bar[t])
+        return np.asarray(x0_prediction(jnp.asarray(noisy), jnp.full((len(texts),), t), jnp.asarray(tokens),
+                                        jnp.asarray(mask)))
 
-    return predict, alpha_bar
+    return predict, np.asarray(process.alphas_cumprod)
 
 
 def main(argv=None) -> int:

@@ -245,3 +245,15 @@ def test_binding_probe_zeroes_one_text_path():
     assert tokens["unet"]["middle_block_1"]["qkv"]["kernel"].all() and tokens["text_encoder"]["transformer_proj"]["kernel"].all()
     with pytest.raises(SystemExit, match="no token-attention parameters"):
         probe_binding.without_text_path({"unet": {"qkv": {"kernel": np.ones(2)}}}, "token-attention")
+
+
+def test_binding_probe_runs_on_the_bundled_base(capsys, tmp_path):
+    assert probe_binding.main(["--model", str(PROJECT_ROOT / "demo" / "base"), "--scenes", "2",
+                               "--without", "token-attention"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "without token-attention" in lines[0]
+    assert [line[:6] for line in lines[1:]] == [f"t={t:4d}" for t in probe_binding.TIMESTEPS]
+    # At t=300 the image still shows the colours: every object keeps its drawn one.
+    assert "own caption 1.00, colours swapped 0.00  one object, another colour named: 0.00" in lines[1]
+    with pytest.raises(SystemExit, match="not an exported base model"):
+        probe_binding.main(["--model", str(tmp_path)])
