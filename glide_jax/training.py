@@ -26,7 +26,7 @@ on 1 or on 8 devices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -405,14 +405,15 @@ def ema_step_rate(ema_rate: float, n) -> jax.Array:
 
 def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, mesh, shardings, *,
                     ema_rate: float = 0.9999, ema_debias: bool = True, grad_accum: int = 1,
-                    lr_schedule: optax.Schedule | None = None,
+                    lr_schedule: optax.Schedule | None = None, frozen: Sequence[str] = (),
                     donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted `step(state, batch) -> (state, metrics)` for global batches on `mesh`.
 
     `shardings` are the state's (from `state_shardings`). The batch's leading axis must divide
     into `grad_accum` microbatches that each divide over the mesh's devices. Metrics (scalars,
     replicated): the kind's loss terms averaged over the batch, `grad_norm` before clipping and
-    `learning_rate` of this step.
+    `learning_rate` of this step. `grad_norm` leaves out the params under `frozen` (the
+    optimizer's `OptimizerConfig.frozen`): it is the norm the clipping sees.
 
     `ema_debias`: after n steps the EMA is `sum_k (1 - r) r^(n-k) params_k / (1 - r^n)`, an
     average of the params this state's steps produced only. The plain EMA also keeps weight
@@ -456,7 +457,11 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, me
             (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro_batches, micro_rows))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
-        grad_norm = optax.tree.norm(grads)
+        if frozen:
+            labels = jax.tree.leaves(frozen_labels(grads, list(frozen)))
+            grad_norm = optax.tree.norm([g for g, label in zip(jax.tree.leaves(grads), labels) if label == "trained"])
+        else:
+            grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rate = ema_step_rate(ema_rate, state.step + 1) if ema_debias else ema_rate

@@ -612,6 +612,7 @@ def test_ema_is_the_bias_corrected_average_of_the_run_s_params_or_the_plain_one(
 
 def test_frozen_parameters_keep_their_values_and_the_rest_trains():
     import jax
+    import optax
 
     from glide_jax import parallel, training
     from glide_jax.config import ModelConfig
@@ -625,14 +626,23 @@ def test_frozen_parameters_keep_their_values_and_the_rest_trains():
     shardings = training.state_shardings(task, optimizer, mesh)
     state = training.create_train_state(task, optimizer, jax.random.key(3), mesh)
     start = parallel.to_host(state.params)
-    step = training.make_train_step(task, optimizer, mesh, shardings, donate=False)
+    step = training.make_train_step(task, optimizer, mesh, shardings, frozen=frozen, donate=False)
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch({"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
                                   "tokens": rng.integers(2, 40, (4, 8)).astype(np.int32),
                                   "mask": np.ones((4, 8), bool)}, mesh)
     for _ in range(3):      # zero-initialised output layers keep the text encoder's gradient at 0 for 2
-        state, _ = step(state, batch)
+        before = state.params
+        state, metrics = step(state, batch)
     end = parallel.to_host(state.params)
+
+    # The logged gradient norm is the trained params' (the one clipping sees), not the frozen ones'.
+    grads = jax.grad(lambda p: task.loss(p, batch, jax.random.fold_in(training._key(state.rng), 2), True, None)[0])(before)
+    trained = {"text_encoder": {k: v for k, v in grads["text_encoder"].items() if k not in ("resblocks_0", "token_embedding")},
+               "unet": grads["unet"]}
+    assert float(optax.tree.norm(grads["text_encoder"]["resblocks_0"])) > 0
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(trained)), rel=1e-4)
+    assert float(metrics["grad_norm"]) < float(optax.tree.norm(grads))
     for prefix in frozen:
         group, name = prefix.split("/")
         assert_trees_close(start[group][name], end[group][name], 0.0, prefix)

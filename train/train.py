@@ -155,7 +155,7 @@ class Trainer:
         self.loader = self._loader(data_states[jax.process_index()] if data_states else None)
         self.train_step = training.make_train_step(
             self.task, self.optimizer, self.mesh, self.shardings, ema_rate=cfg.ema_rate, ema_debias=cfg.ema_debias,
-            grad_accum=cfg.batch.grad_accum, lr_schedule=self.lr_schedule)
+            grad_accum=cfg.batch.grad_accum, lr_schedule=self.lr_schedule, frozen=cfg.optimizer.frozen)
         self.metrics_path = Path(cfg.log.metrics_file) if cfg.log.metrics_file else self.run_dir / "metrics.jsonl"
         self.sampler = None
         if cfg.sample.every:
