@@ -160,12 +160,13 @@ def model_predictor(model_dir: Path, without: str | None = None) -> tuple[Predic
     import jax
     import jax.numpy as jnp
 
-    from glide_jax import checkpoint, diffusion, tokenizers
-    from glide_jax.config import ModelConfig
+    from glide_jax import diffusion, tokenizers, weights
     from glide_jax.unet import GlideUNet
 
-    raw_config, params = checkpoint.load_model(model_dir, dtype=np.float32)
-    config = ModelConfig.from_dict(raw_config)
+    try:   # also refuses an inpainting or upsampling model, which would need inputs the probe lacks
+        config, params = weights.load_local(model_dir, "base", dtype=np.float32)
+    except weights.WeightsError as err:
+        raise SystemExit(f"error: {err}") from None
     if without:
         params = without_text_path(params, without)
     tokenizer = tokenizers.SentencePieceTokenizer(str(model_dir / "tokenizer.model"))
