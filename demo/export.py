@@ -137,8 +137,10 @@ def grow_attention(trained: dict, grown: dict) -> dict:
     with every trained layer copied in. Within a block, layers are matched in order by kind (the
     names of their sub-modules), since an inserted attention layer shifts the index of the
     upsampling layer after it; the layers only `grown` has must be attention layers and keep their
-    initialisation, whose zero output projection makes them identity maps. A position embedding
-    that only `grown` has (`attention_position_embedding`) keeps its initialisation too: zero."""
+    initialisation, whose zero output projection makes them identity maps. What else only `grown`
+    has keeps its initialisation too, which changes nothing the model computes: a position embedding
+    (`attention_position_embedding`, zero), the text layout (`text_layout_size`) and each ResBlock's
+    zero projection of it."""
     old_blocks, new_blocks = _blocks(trained["unet"]), _blocks(grown["unet"])
     if set(old_blocks) - set(new_blocks):
         raise SystemExit(f"error: the grown U-Net lacks {sorted(set(old_blocks) - set(new_blocks))}")
@@ -147,14 +149,15 @@ def grow_attention(trained: dict, grown: dict) -> dict:
         pending = list(old_blocks.get(block, []))
         for name, fresh in new_layers:
             trained_keys = set(pending[0][1]) if pending else set()
-            added = {key: fresh[key] for key in {"position_embedding"} & (set(fresh) - trained_keys)}
+            added = {key: fresh[key] for key in {"position_embedding", "layout_proj"} & (set(fresh) - trained_keys)}
             kept = {key: value for key, value in fresh.items() if key not in added}
             if pending and trained_keys == set(kept):
                 old_name, weights = pending.pop(0)
                 _check_fits(weights, kept, f"unet/{old_name} -> unet/{name}")
                 unet_params[name] = {**weights, **added}
-            elif "qkv" not in fresh:
-                raise SystemExit(f"error: unet/{name} is new in the grown U-Net but is not an attention layer")
+            elif "qkv" not in fresh and name != "text_layout":
+                raise SystemExit(f"error: unet/{name} is new in the grown U-Net but is not an attention layer "
+                                 "or the text layout")
         if pending:
             raise SystemExit(f"error: trained layers {[n for n, _ in pending]} have no place in the grown U-Net")
     return {**trained, "unet": unet_params}
@@ -186,10 +189,15 @@ def grow(args) -> None:
     from glide_jax import checkpoint, unet
     from glide_jax.config import ModelConfig
 
-    if not (args.attention_resolutions or args.text_layers or args.attention_positions):
-        raise SystemExit("error: grow needs --attention-resolutions, --text-layers and/or --attention-positions")
-    step, raw, params = newest_run_state(Path(args.run).absolute())
-    config = model_config(raw)
+    if not (args.attention_resolutions or args.text_layers or args.attention_positions or args.text_layout):
+        raise SystemExit("error: grow needs --attention-resolutions, --text-layers, --attention-positions "
+                         "and/or --text-layout")
+    if args.run:
+        step, raw, params = newest_run_state(Path(args.run).absolute())
+        config = model_config(raw)
+    else:
+        config, params = checkpoint.load_model(args.model, dtype=np.float32)
+        step = None
     if args.attention_resolutions:
         config["attention_resolutions"] = args.attention_resolutions
     if args.text_layers:
@@ -198,6 +206,8 @@ def grow(args) -> None:
         config["xf_layers"] = args.text_layers
     if args.attention_positions:
         config["attention_position_embedding"] = True
+    if args.text_layout:
+        config["text_layout_size"] = args.text_layout
     fresh = jax.tree.map(np.asarray, unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed)))
     grown = grow_attention(params, fresh)
     if "text_encoder" in params:
@@ -205,7 +215,10 @@ def grow(args) -> None:
     checkpoint.save_model(Path(args.out), grown, config, overwrite=True)
     added = unet.count_params(grown) - unet.count_params(params)
     positions = ", position embeddings" if config.get("attention_position_embedding") else ""
-    print(f"wrote {args.out}: step {step}, attention at {config['attention_resolutions']}{positions}, "
+    if config.get("text_layout_size"):
+        positions += f", a {config['text_layout_size']}x{config['text_layout_size']} text layout"
+    origin = f"step {step}" if step is not None else f"from {args.model}"
+    print(f"wrote {args.out}: {origin}, attention at {config['attention_resolutions']}{positions}, "
           f"{config['xf_layers']} text layers, {added} new params")
 
 
@@ -220,12 +233,16 @@ def main(argv=None) -> int:
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)
     g = sub.add_parser("grow")
-    g.add_argument("--run", required=True)
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a train.train run (its newest checkpoint's EMA params)")
+    source.add_argument("--model", help="a model directory written by checkpoint.save_model")
     g.add_argument("--out", required=True)
     g.add_argument("--attention-resolutions", help="U-Net attention resolutions of the grown model, e.g. 16,8")
     g.add_argument("--text-layers", type=int, help="text-transformer layers of the grown model")
     g.add_argument("--attention-positions", action="store_true",
                    help="add a position embedding (zero) to every attention layer (attention_position_embedding)")
+    g.add_argument("--text-layout", type=int, metavar="SIZE",
+                   help="add a SIZE x SIZE map of the caption over the image (text_layout_size), changing nothing")
     g.add_argument("--seed", type=int, default=0, help="initialises the added layers")
     args = parser.parse_args(argv)
     {"model": export_model, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)

@@ -78,6 +78,14 @@ class ModelConfig:
     # is. Meant to help a small model place "the red circle to the left of the blue square"; on the
     # demo base it did not (demo/REPRODUCE.md).
     attention_position_embedding: bool = False
+    # A map of the caption over the image: a text_layout_size² grid of learned queries, one per place,
+    # attends to the text transformer's tokens, and every ResBlock adds a projection of that map
+    # (resized to its resolution, zero at initialisation) to its timestep scale and shift. GLIDE
+    # gives the caption's pooled vector to every place alike, and its tokens only through attention
+    # that must first find the place in a noisy image; this path lets the caption alone say "red here,
+    # blue there" at the noisiest steps, where a small model settles the colours. 0: off (GLIDE).
+    text_layout_size: int = 0
+    text_layout_heads: int = 4
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
@@ -102,6 +110,13 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
+        if self.text_layout_size < 0:
+            raise ConfigError(f"text_layout_size must be 0 (off) or positive, got {self.text_layout_size}")
+        if self.text_layout_size and not self.has_text:
+            raise ConfigError("text_layout_size needs a text transformer (xf_width > 0)")
+        if self.text_layout_size and (self.text_layout_heads <= 0 or self.xf_width % self.text_layout_heads):
+            raise ConfigError(f"text_layout_heads {self.text_layout_heads} must be positive and divide "
+                              f"xf_width {self.xf_width}")
         if self.norm_groups <= 0:
             raise ConfigError(f"norm_groups must be positive, got {self.norm_groups}")
         for mult in self.channel_multipliers:

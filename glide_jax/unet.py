@@ -36,7 +36,7 @@ class ResBlock(nn.Module):
     norm_groups: int = GROUPNORM_GROUPS
 
     @nn.compact
-    def __call__(self, x, emb, deterministic: bool = True):
+    def __call__(self, x, emb, deterministic: bool = True, layout=None):
         h = GroupNorm32(swish=True, groups=self.norm_groups, name="in_norm")(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
@@ -47,6 +47,9 @@ class ResBlock(nn.Module):
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = dense(emb_width, self.dtype, "emb_proj")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        if layout is not None:
+            layout = resize_bilinear(layout.astype(h.dtype), h.shape[1], h.shape[2])
+            emb_out = emb_out + dense(emb_width, self.dtype, "layout_proj", zero_init=True)(layout).astype(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = GroupNorm32(swish=False, groups=self.norm_groups, name="out_norm")(h) * (1 + scale) + shift
@@ -93,6 +96,30 @@ class AttentionBlock(nn.Module):
         out = multihead_attention(q, k, v).reshape(batch, height * width, channels)
         out = dense(channels, self.dtype, "proj_out", zero_init=True)(out)
         return x + out.reshape(x.shape)
+
+
+class TextLayout(nn.Module):
+    """The caption laid out over a `size`×`size` grid (see ModelConfig.text_layout_size): one learned
+    query per place attends to the text tokens, and the timestep embedding is added so that the
+    map can say different things at different noise levels. Returns [B, size, size, width]."""
+
+    size: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, xf_out, emb):
+        batch, _, width = xf_out.shape
+        head_ch = width // self.heads
+        # Unit-scale queries: the attention must tell the places apart from the first step on.
+        queries = self.param("queries", nn.initializers.normal(1.0), (self.size * self.size, width), jnp.float32)
+        q = dense(width, self.dtype, "q")(queries.astype(self.dtype))
+        q = jnp.broadcast_to(q.reshape(1, -1, self.heads, head_ch), (batch, q.shape[0], self.heads, head_ch))
+        kv = dense(2 * width, self.dtype, "kv")(xf_out.astype(self.dtype))
+        kv = kv.reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
+        out = multihead_attention(q, kv[..., 0, :], kv[..., 1, :]).reshape(batch, -1, width)
+        out = dense(width, self.dtype, "proj")(out) + dense(width, self.dtype, "emb_proj")(nn.silu(emb))[:, None, :]
+        return nn.silu(out).reshape(batch, self.size, self.size, width)
 
 
 class Downsample(nn.Module):
@@ -142,9 +169,6 @@ class UNet(nn.Module):
         heads_down = cfg.num_heads
         heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
 
-        def res_block(out_ch, name, resample=None):
-            return ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups, name=name)
-
         def attention(ch, heads, name):
             return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
                                   cfg.attention_position_embedding, name=name)
@@ -154,6 +178,14 @@ class UNet(nn.Module):
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_2")(nn.silu(emb))
         if xf_proj is not None:
             emb = emb + xf_proj.astype(emb.dtype)
+        layout = None
+        if cfg.text_layout_size and xf_out is not None:
+            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype, name="text_layout")(xf_out, emb)
+
+        def res_block(out_ch, name, resample=None):
+            block = ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,
+                             name=name)
+            return lambda h: block(h, emb, deterministic, layout)
 
         ch = cfg.channel_multipliers[0] * model_ch
         h = conv(ch, 3, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
@@ -163,7 +195,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.channel_multipliers):
             for _ in range(cfg.num_res_blocks):
                 ch = mult * model_ch
-                h = res_block(ch, f"input_blocks_{block}_0")(h, emb, deterministic)
+                h = res_block(ch, f"input_blocks_{block}_0")(h)
                 if rate in attention_rates:
                     h = attention(ch, heads_down, f"input_blocks_{block}_1")(h, xf_out)
                 skips.append(h)
@@ -172,7 +204,7 @@ class UNet(nn.Module):
             if level != levels - 1:
                 name = f"input_blocks_{block}_0"
                 if cfg.resblock_updown:
-                    h = res_block(ch, name, resample="down")(h, emb, deterministic)
+                    h = res_block(ch, name, resample="down")(h)
                 else:
                     h = Downsample(ch, self.dtype, name=name)(h)
                 skips.append(h)
@@ -180,9 +212,9 @@ class UNet(nn.Module):
                 rate *= 2
                 block += 1
 
-        h = res_block(ch, "middle_block_0")(h, emb, deterministic)
+        h = res_block(ch, "middle_block_0")(h)
         h = attention(ch, heads_down, "middle_block_1")(h, xf_out)
-        h = res_block(ch, "middle_block_2")(h, emb, deterministic)
+        h = res_block(ch, "middle_block_2")(h)
 
         block = 0
         for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
@@ -191,7 +223,7 @@ class UNet(nn.Module):
                 skip_channels.pop()
                 ch = mult * model_ch
                 layer = 0
-                h = res_block(ch, f"output_blocks_{block}_{layer}")(h, emb, deterministic)
+                h = res_block(ch, f"output_blocks_{block}_{layer}")(h)
                 if rate in attention_rates:
                     layer += 1
                     h = attention(ch, heads_up, f"output_blocks_{block}_{layer}")(h, xf_out)
@@ -199,7 +231,7 @@ class UNet(nn.Module):
                     layer += 1
                     name = f"output_blocks_{block}_{layer}"
                     if cfg.resblock_updown:
-                        h = res_block(ch, name, resample="up")(h, emb, deterministic)
+                        h = res_block(ch, name, resample="up")(h)
                     else:
                         h = Upsample(ch, self.dtype, name=name)(h)
                     rate //= 2

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glide_jax import unet
+from glide_jax import checkpoint, unet
 from glide_jax.config import ModelConfig
 
 from conftest import PROJECT_ROOT
@@ -202,6 +202,24 @@ def test_added_position_embeddings_start_at_zero():
     nudged = jax.tree.map(lambda a: a, grown)
     nudged["unet"]["middle_block_1"]["position_embedding"] = np.full((16, 32), 0.5, np.float32)
     assert not np.allclose(outputs(placed, nudged), outputs(small, trained), atol=1e-3)
+
+
+def test_added_text_layout_changes_nothing_until_trained(tmp_path):
+    small = ModelConfig(attention_resolutions="4", **SMALL)
+    laid_out = ModelConfig(attention_resolutions="4", text_layout_size=4, **SMALL)
+    trained = trained_like(small)
+    checkpoint.save_model(tmp_path / "trained", trained, small.to_dict())
+    assert export.main(["grow", "--model", str(tmp_path / "trained"), "--text-layout", "4",
+                        "--out", str(tmp_path / "grown")]) == 0
+    config, grown = checkpoint.load_model(tmp_path / "grown")
+    assert config["text_layout_size"] == 4
+    np.testing.assert_array_equal(grown["unet"]["middle_block_0"]["in_conv"]["kernel"],
+                                  trained["unet"]["middle_block_0"]["in_conv"]["kernel"])
+    np.testing.assert_array_equal(outputs(small, trained), outputs(laid_out, grown))
+    nudged = jax.tree.map(lambda a: a, grown)
+    nudged["unet"]["middle_block_0"]["layout_proj"]["kernel"] = np.full_like(
+        grown["unet"]["middle_block_0"]["layout_proj"]["kernel"], 0.1)
+    assert not np.allclose(outputs(laid_out, nudged), outputs(small, trained), atol=1e-3)
 
 
 def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():

@@ -297,6 +297,54 @@ def test_norm_groups_sets_every_group_norm_and_lets_blocks_see_the_overall_colou
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
+def test_text_layout_lets_the_caption_condition_places_differently():
+    from glide_jax.unet import ResBlock, TextLayout
+
+    rng = np.random.default_rng(0)
+    text, other_text = rng.normal(size=(2, 2, 5, 16)).astype(np.float32)
+    emb = rng.normal(size=(2, 32)).astype(np.float32)
+    layout = TextLayout(size=4, heads=4)
+    layout_params = layout.init(jax.random.key(0), text, emb)["params"]
+    assert layout_params["queries"].shape == (16, 16)
+    maps = np.asarray(layout.apply({"params": layout_params}, text, emb))
+    assert maps.shape == (2, 4, 4, 16)
+    # Fresh, the queries already differ by place, so the map does too, and it follows the caption.
+    assert maps.std(axis=(1, 2)).min() > 1e-3
+    assert np.abs(np.asarray(layout.apply({"params": layout_params}, other_text, emb)) - maps).max() > 0.05
+
+    # A ResBlock given a spatially constant input computes the same thing at every place away from the
+    # convolutions' padding; the layout's projection is what can make its interior vary.
+    x = np.broadcast_to(rng.normal(size=(2, 1, 1, 8)), (2, 8, 8, 8)).astype(np.float32)
+    block_emb = rng.normal(size=(2, 12)).astype(np.float32)
+    block = ResBlock(8, use_scale_shift_norm=True, norm_groups=2)
+    fresh = block.init(jax.random.key(1), x, block_emb, True, maps)["params"]
+    np.testing.assert_array_equal(fresh["layout_proj"]["kernel"], 0.0)
+    params = randomized({key: value for key, value in fresh.items() if key != "layout_proj"})
+    plain = np.asarray(block.apply({"params": params}, x, block_emb))
+    np.testing.assert_array_equal(block.apply({"params": {**params, "layout_proj": fresh["layout_proj"]}},
+                                              x, block_emb, True, maps), plain)
+    interior = np.s_[:, 2:-2, 2:-2]
+    assert np.ptp(plain[interior], axis=(1, 2)).max() < 1e-5
+    trained = {**params, "layout_proj": randomized(fresh["layout_proj"], seed=1)}
+    laid_out = np.asarray(block.apply({"params": trained}, x, block_emb, True, maps))
+    assert np.ptp(laid_out[interior], axis=(1, 2)).min() > 1e-3
+
+    # The U-Net builds one layout and gives every ResBlock a projection of it, only when asked.
+    config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                         num_head_channels=8, text_ctx=5, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20,
+                         dropout=0.0, norm_groups=4)
+    with_layout = ModelConfig(**{**config.to_dict(), "text_layout_size": 4})
+    shapes = param_shapes(with_layout)["unet"]
+    assert shapes["text_layout"]["queries"].shape == (16, 16)
+    res_blocks = {name for name, layer in shapes.items() if "in_conv" in layer}
+    assert {name for name, layer in shapes.items() if "layout_proj" in layer} == res_blocks and len(res_blocks) == 10
+    assert not any("layout_proj" in layer or name == "text_layout" for name, layer in param_shapes(config)["unet"].items())
+    with pytest.raises(ConfigError, match="text_layout_size needs a text transformer"):
+        ModelConfig(**{**config.to_dict(), "xf_width": 0, "text_layout_size": 4})
+    with pytest.raises(ConfigError, match="text_layout_heads 3 must be positive and divide xf_width 16"):
+        ModelConfig(**{**config.to_dict(), "text_layout_size": 4, "text_layout_heads": 3})
+
+
 def test_attention_position_embedding_lets_attention_tell_places_apart():
     from glide_jax.unet import AttentionBlock
 
