@@ -12,9 +12,10 @@ neither, and the colours of the sample are decided by the noise. One-object scen
 naming another colour show, for comparison, how far the caption decides a colour where nothing has
 to be bound. The report gives, per t, the share of objects whose predicted colour is nearer the
 colour the caption gives them than the other one. `--without pooled-text` / `--without
-token-attention` zero one of the two ways the U-Net reads the caption (the pooled vector added to
-the timestep embedding, the tokens in attention), to see which one carries the colours: only the
-tokens can tell two objects apart.
+token-attention` / `--without text-layout` zero one of the ways the U-Net reads the caption (the
+pooled vector added to the timestep embedding, the tokens in attention, the text layout where the
+model has one), to see which one carries the colours: the pooled vector cannot tell two objects
+apart.
 """
 
 from __future__ import annotations
@@ -126,14 +127,16 @@ def follow_rates(predict: Predictor, alpha_bar: np.ndarray, count: int = 64, see
     return rates
 
 
-# What `--without` zeroes: the pooled caption vector added to the timestep embedding, or the
-# caption's tokens in every attention layer (their keys and values).
+# What `--without` zeroes: the pooled caption vector added to the timestep embedding, the
+# caption's tokens in every attention layer (their keys and values), or the text layout's
+# projections into the ResBlocks (`model.text_layout_size`).
 TEXT_PATHS = {"pooled-text": lambda path: path[:2] == ("text_encoder", "transformer_proj"),
-              "token-attention": lambda path: "encoder_kv" in path}
+              "token-attention": lambda path: "encoder_kv" in path,
+              "text-layout": lambda path: "layout_proj" in path}
 
 
 def without_text_path(params: dict, which: str) -> dict:
-    """`params` with one of the U-Net's two ways of reading the caption zeroed (TEXT_PATHS)."""
+    """`params` with one of the U-Net's ways of reading the caption zeroed (TEXT_PATHS)."""
     import jax
 
     if which not in TEXT_PATHS:
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--seed", type=int, default=4242, help="the training-scene stream the scenes come from")
     parser.add_argument("--without", choices=sorted(TEXT_PATHS),
-                        help="zero one of the U-Net's two ways of reading the caption, to see which carries the colours")
+                        help="zero one of the U-Net's ways of reading the caption, to see which carries the colours")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.model").is_file():

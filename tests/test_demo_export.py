@@ -254,13 +254,19 @@ def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
 
 def test_binding_probe_zeroes_one_text_path():
     params = {"text_encoder": {"transformer_proj": {"kernel": np.ones((2, 3))}, "token_embedding": {"embedding": np.ones(4)}},
-              "unet": {"middle_block_1": {"encoder_kv": {"kernel": np.ones((2, 6))}, "qkv": {"kernel": np.ones((3, 9))}}}}
+              "unet": {"middle_block_1": {"encoder_kv": {"kernel": np.ones((2, 6))}, "qkv": {"kernel": np.ones((3, 9))}},
+                       "middle_block_0": {"layout_proj": {"kernel": np.ones((4, 8))}, "in_conv": {"kernel": np.ones(3)}}}}
     pooled = probe_binding.without_text_path(params, "pooled-text")
     assert not pooled["text_encoder"]["transformer_proj"]["kernel"].any()
     assert pooled["unet"]["middle_block_1"]["encoder_kv"]["kernel"].all() and pooled["text_encoder"]["token_embedding"]["embedding"].all()
     tokens = probe_binding.without_text_path(params, "token-attention")
     assert not tokens["unet"]["middle_block_1"]["encoder_kv"]["kernel"].any()
     assert tokens["unet"]["middle_block_1"]["qkv"]["kernel"].all() and tokens["text_encoder"]["transformer_proj"]["kernel"].all()
+    laid_out = probe_binding.without_text_path(params, "text-layout")
+    assert not laid_out["unet"]["middle_block_0"]["layout_proj"]["kernel"].any()
+    assert laid_out["unet"]["middle_block_0"]["in_conv"]["kernel"].all() and laid_out["unet"]["middle_block_1"]["encoder_kv"]["kernel"].all()
+    with pytest.raises(SystemExit, match="no text-layout parameters"):
+        probe_binding.without_text_path({"unet": {"qkv": {"kernel": np.ones(2)}}}, "text-layout")
     with pytest.raises(SystemExit, match="no token-attention parameters"):
         probe_binding.without_text_path({"unet": {"qkv": {"kernel": np.ones(2)}}}, "token-attention")
 
