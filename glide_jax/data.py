@@ -156,6 +156,12 @@ class Source:
     def fingerprint(self) -> str:
         return f"{type(self).__name__}:{len(self)}"
 
+    def negative_caption(self, index: int, epoch: int, rng: np.random.Generator) -> str | None:
+        """A caption that the record's image does not match but nearly does (a hard negative for
+        `negative_weight` training), phrased with `rng` as `load` phrases the record's own; None
+        where the source has none for this record."""
+        return None
+
     def object_boxes(self, index: int, epoch: int) -> list[tuple[float, float, float, float]] | None:
         """(top, left, bottom, right) of each object in record `index`, as fractions of the image
         side, for "object" inpainting masks; None where the source does not know (the default)."""
@@ -323,6 +329,15 @@ class ShapesSource(Source):
     def load(self, index, epoch, image_size, rng):
         scene = self.scene(index, epoch)
         return scene.render(image_size), scene.caption(rng)
+
+    def negative_caption(self, index, epoch, rng):
+        # The two shapes' colours exchanged: the caption's words unchanged, their binding reversed.
+        # Skipped where that would name a held-out colour-shape pair, which training never shows.
+        swapped = shapes_lib.colours_swapped(self.scene(index, epoch))
+        if swapped is None or (self.split == "train" and not set(swapped.spec.objects) <= set(
+                shapes_lib.TRAIN_COMBINATIONS)):
+            return None
+        return swapped.caption(rng)
 
     def object_boxes(self, index, epoch):
         return [s.box for s in self.scene(index, epoch).shapes]
@@ -515,6 +530,7 @@ class _ExampleMaker:
     low_res_size: int | None
     degradation: Degradation
     mask_config: MaskConfig | None
+    negatives: bool = False
 
     def __call__(self, index: int, epoch: int) -> dict:
         rng = _example_rng(self.seed, epoch, index, 0)
@@ -526,6 +542,10 @@ class _ExampleMaker:
             if pixels.shape != (self.image_size, self.image_size, 3):
                 pixels = resize_and_crop(Image.fromarray(pixels), self.image_size)
         example = {"images": to_float(pixels), "captions": caption}
+        if self.negatives:
+            # The generator `load` phrased the caption with, from the start: the same phrasing.
+            negative = self.source.negative_caption(index, epoch, _example_rng(self.seed, epoch, index, 0))
+            example["negative_captions"] = negative or ""
         extra_rng = _example_rng(self.seed, epoch, index, 1)
         if self.low_res_size is not None:
             factor = self.image_size // self.low_res_size
@@ -576,6 +596,8 @@ class DataLoader:
         which must divide `image_size`) made by `degrade_low_res`.
       masks: add batch["inpaint_mask"] (B, H, W, 1) float32, 1 = keep, from
         `glide_jax.masks.sample_mask`.
+      negatives: add batch["negative_captions"], list[str]: per record the source's
+        `negative_caption`, or "" where it has none.
 
     Batches: {"images": (B, S, S, 3) float32 in [-1, 1], "captions": list[str] of length B,
     plus the optional extras}. `state()` is the position after the last batch returned.
@@ -585,7 +607,7 @@ class DataLoader:
                  shuffle_buffer: int = 1000, host_index: int = 0, host_count: int = 1,
                  prefetch: int = 2, state: dict | None = None, low_res_size: int | None = None,
                  degradation: Degradation = Degradation(), masks: MaskConfig | None = None,
-                 workers: int = 0):
+                 workers: int = 0, negatives: bool = False):
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if image_size <= 0:
@@ -607,7 +629,10 @@ class DataLoader:
         self.host_index, self.host_count = int(host_index), int(host_count)
         self.prefetch, self.workers = int(prefetch), int(workers)
         self.low_res_size, self.degradation, self.mask_config = low_res_size, degradation, masks
-        self._maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks)
+        if negatives and type(source).negative_caption is Source.negative_caption:
+            raise DataError(f"negative captions were asked for, but a {type(source).__name__} has none; "
+                            "the shapes source makes them")
+        self._maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks, negatives)
         self._pool = None
         self._fingerprint = source.fingerprint()
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -752,6 +777,8 @@ class DataLoader:
                     break
             batch = {"images": np.stack([e["images"] for e in items]),
                      "captions": [e["captions"] for e in items]}
+            if "negative_captions" in items[0]:
+                batch["negative_captions"] = [e["negative_captions"] for e in items]
             for key in ("low_res", "inpaint_mask"):
                 if key in items[0]:
                     batch[key] = np.stack([e[key] for e in items])

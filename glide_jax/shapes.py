@@ -146,6 +146,17 @@ class Scene:
         return options[int(rng.integers(len(options)))]
 
 
+def colours_swapped(scene: Scene) -> Scene | None:
+    """The scene with its two shapes' colours exchanged (same places, same background), or None when
+    that changes nothing: one shape, or two of one colour. Its caption is the hardest negative for
+    the scene's image: the same words, only bound the other way."""
+    if len(scene.shapes) != 2 or scene.shapes[0].colour == scene.shapes[1].colour:
+        return None
+    first, second = scene.shapes
+    return dataclasses.replace(scene, shapes=(dataclasses.replace(first, colour=second.colour),
+                                              dataclasses.replace(second, colour=first.colour)))
+
+
 # -- captions ----------------------------------------------------------------------------------
 
 _SINGLE_TEMPLATES = (

@@ -174,6 +174,12 @@ class TrainTask:
     image_size: int
 
 
+# The hard-negative term (diffusion_task's `negative_weight`): the scale, in weighted MSE, below which a
+# gap between the two captions' errors counts as decided, and the share of each batch it runs on.
+NEGATIVE_TEMPERATURE = 0.01
+NEGATIVE_SHARE = 0.25
+
+
 def draw_timesteps(example_keys: jax.Array, num_timesteps: int, high_noise_fraction: float = 0.0,
                    high_noise_from: float = 0.95) -> jax.Array:
     """One training timestep per example key [B]: uniform over the chain, except that
@@ -195,7 +201,8 @@ def draw_timesteps(example_keys: jax.Array, num_timesteps: int, high_noise_fract
 def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: str = "float32",
                    caption_dropout: float = 0.2, empty_tokens=None, empty_mask=None,
                    low_res_size: int | None = None, min_snr_gamma: float = 0.0,
-                   high_noise_fraction: float = 0.0, high_noise_from: float = 0.95) -> TrainTask:
+                   high_noise_fraction: float = 0.0, high_noise_from: float = 0.95,
+                   negative_weight: float = 0.0, negative_from: float = 0.7) -> TrainTask:
     """Task for the GLIDE U-Net kinds (`base`, `upsample`, `inpaint`, `upsample_inpaint`).
 
     `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
@@ -218,6 +225,18 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     the image's mean colour is still hidden in the noise, so the text alone must decide it, yet the
     eps target is almost x_t itself: a wrong mean costs so little loss, on so few of the uniform
     draws, that a model can learn to copy the noise's mean instead of reading the caption.
+
+    `negative_weight` > 0 adds a hard-negative term: batches then carry, per example, a caption the
+    image nearly matches (`negative_tokens`, `negative_mask`, `has_negative`; for the shapes data the
+    two objects' colours swapped). On examples with one, a timestep from `negative_from` * T on and
+    their own caption kept, the model also predicts from the same x_t under the negative caption,
+    and the term asks that prediction's (weighted) MSE to exceed the own caption's:
+    NEGATIVE_TEMPERATURE * softplus((mse_own - mse_negative) / NEGATIVE_TEMPERATURE), averaged over
+    the batch and scaled by `negative_weight`. The plain loss barely rewards binding each colour to
+    its object (the two captions' best predictions differ only faintly at the noise levels where a
+    sample's colours are settled); this term rewards exactly that difference. To bound its cost
+    the negative pass runs on NEGATIVE_SHARE of each (micro)batch, those of its examples that
+    qualify first.
     """
     from glide_jax.unet import GlideUNet, example_inputs
 
@@ -239,6 +258,12 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         raise ConfigError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
     if not 0.0 <= high_noise_from < 1.0:
         raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {high_noise_from}")
+    if not negative_weight >= 0.0:
+        raise ConfigError(f"negative_weight must be >= 0 (0 = off), got {negative_weight}")
+    if not 0.0 <= negative_from < 1.0:
+        raise ConfigError(f"negative_from must be in [0, 1) (a fraction of the chain), got {negative_from}")
+    if negative_weight > 0 and not config.has_text:
+        raise ConfigError("negative_weight > 0 needs a text-conditional model: negatives are captions")
     if diffusion.prediction != config.prediction:
         raise ConfigError(f"the model predicts {config.prediction!r} (model.prediction) but the diffusion was "
                           f"built for {diffusion.prediction!r}: the loss would train the wrong target")
@@ -262,6 +287,7 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     low = low_res_size or max(size // 4, 1)
     model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype])
     num_timesteps = diffusion.num_timesteps
+    negative_start = min(int(negative_from * num_timesteps), num_timesteps - 1)
 
     def init(key):
         return model.init(key, **example_inputs(config))["params"]
@@ -275,6 +301,10 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
             spec["low_res"] = jax.ShapeDtypeStruct((batch_size, low, low, 3), jnp.float32)
         if wants_inpaint:
             spec["inpaint_mask"] = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
+        if negative_weight > 0:
+            spec["negative_tokens"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.int32)
+            spec["negative_mask"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.bool_)
+            spec["has_negative"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_)
         return spec
 
     def loss(params, batch, key, train=True, rows=None):
@@ -294,6 +324,7 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         x_t = diffusion.q_sample(x0, t, noise)
         kwargs = {}
         tokens = mask = None
+        caption_kept = jnp.ones_like(drop) if not (train and caption_dropout > 0) else ~drop
         if config.has_text:
             tokens, mask = batch["tokens"], batch["mask"]
             if train and caption_dropout > 0:
@@ -310,7 +341,29 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         terms = diffusion.training_losses(out.astype(jnp.float32), x0, x_t, t, noise)
         if min_snr_gamma > 0:
             terms["loss"] = jnp.asarray(mse_weights)[t] * terms["mse"] + terms["vb"]
-        return terms["loss"].mean(), {name: value.mean() for name, value in terms.items()}
+        metrics = {name: value.mean() for name, value in terms.items()}
+        loss_value = metrics["loss"]
+        if negative_weight > 0:
+            qualifies = batch["has_negative"] & (t >= negative_start) & caption_kept
+            rows_compared = jnp.argsort(~qualifies, stable=True)[:max(1, int(n * NEGATIVE_SHARE))]
+            pick = lambda value: None if value is None else value[rows_compared]
+            neg_out = model.apply({"params": params}, x_t[rows_compared], diffusion.original_timesteps(t[rows_compared]),
+                                  batch["negative_tokens"][rows_compared], batch["negative_mask"][rows_compared],
+                                  deterministic=not train, rngs={"dropout": jax.random.fold_in(k_dropout, 1)},
+                                  **{name: pick(value) for name, value in kwargs.items()})
+            t_compared = t[rows_compared]
+            neg_mse = diffusion.training_losses(neg_out.astype(jnp.float32), x0[rows_compared], x_t[rows_compared],
+                                                t_compared, noise[rows_compared])["mse"]
+            weights = jnp.asarray(mse_weights)[t_compared]
+            gap = weights * (terms["mse"][rows_compared] - neg_mse)   # < 0: the own caption explains x_0 better
+            compared = qualifies[rows_compared]
+            hinge = NEGATIVE_TEMPERATURE * jax.nn.softplus(gap / NEGATIVE_TEMPERATURE)
+            metrics["negative"] = jnp.sum(jnp.where(compared, hinge, 0.0)) / n
+            metrics["negative_won"] = jnp.sum(compared & (gap < 0)) / jnp.maximum(jnp.sum(compared), 1)
+            metrics["negative_compared"] = jnp.sum(compared) / n
+            loss_value = loss_value + negative_weight * metrics["negative"]
+            metrics["loss"] = loss_value
+        return loss_value, metrics
 
     return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=size)
 

@@ -162,3 +162,20 @@ def test_invalid_scenes_and_images_are_rejected():
         S.Scene("white", (S.Shape("red", "circle", (0.5, 0.5), 0.3),), "above")
     with pytest.raises(ValueError, match="uint8"):
         S.analyse(np.zeros((32, 32, 3), np.float32))
+
+
+def test_colours_swapped_exchanges_two_shapes_colours_and_nothing_else():
+    scenes = _scenes(40)
+    pairs = [scene for scene in scenes if len(scene.shapes) == 2 and scene.shapes[0].colour != scene.shapes[1].colour]
+    assert pairs
+    for scene in pairs:
+        swapped = S.colours_swapped(scene)
+        assert [s.colour for s in swapped.shapes] == [s.colour for s in reversed(scene.shapes)]
+        assert [dataclasses.replace(s, colour="red") for s in swapped.shapes] == [
+            dataclasses.replace(s, colour="red") for s in scene.shapes]
+        assert (swapped.background, swapped.relation) == (scene.background, scene.relation)
+    one = next(scene for scene in scenes if len(scene.shapes) == 1)
+    assert S.colours_swapped(one) is None
+    pair = pairs[0]
+    same = dataclasses.replace(pair, shapes=(pair.shapes[0], dataclasses.replace(pair.shapes[1], colour=pair.shapes[0].colour)))
+    assert S.colours_swapped(same) is None

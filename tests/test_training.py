@@ -551,6 +551,96 @@ def test_high_noise_option_leaves_the_loss_of_older_runs_unchanged_and_is_valida
         RunConfig.from_dict({"model": TINY_MODEL, "high_noise_from": 1.0})
 
 
+def test_negative_captions_add_a_term_that_asks_the_own_caption_to_explain_the_image_better():
+    import jax
+
+    from glide_jax import training
+    from glide_jax.config import ConfigError, ModelConfig
+    from glide_jax.diffusion import GaussianDiffusion
+
+    model = ModelConfig.from_dict({**TINY_MODEL, "dropout": 0.0})
+    diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
+    rng = np.random.default_rng(0)
+    n = 8
+    batch = {"images": rng.uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32),
+             "tokens": rng.integers(0, 16, (n, 8)).astype(np.int32), "mask": np.ones((n, 8), bool),
+             "negative_tokens": rng.integers(0, 16, (n, 8)).astype(np.int32), "negative_mask": np.ones((n, 8), bool),
+             "has_negative": np.array([1, 0, 1, 1, 0, 1, 0, 0], bool)}
+    plain = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0)
+    task = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, negative_weight=2.0, negative_from=0.0)
+    assert set(task.batch_spec(n)) - set(plain.batch_spec(n)) == {"negative_tokens", "negative_mask", "has_negative"}
+    # Random params: a fresh model's zero output layer would make every caption's prediction the same.
+    params = jax.tree.map(lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(np.float32),
+                          plain.init(jax.random.key(0)))
+    key = jax.random.key(3)
+    own_loss, own_terms = plain.loss(params, {k: batch[k] for k in plain.batch_spec(n)}, key)
+    compared = min(int(batch["has_negative"].sum()), int(n * training.NEGATIVE_SHARE))
+
+    loss, terms = task.loss(params, batch, key)
+    assert float(terms["negative_compared"]) == compared / n
+    assert float(terms["mse"]) == pytest.approx(float(own_terms["mse"]), rel=1e-6)
+    assert float(loss) == pytest.approx(float(own_loss) + 2.0 * float(terms["negative"]), rel=1e-6)
+    assert float(terms["negative"]) > 0
+    # Its gradient reaches the params: the negative caption's error is pushed up, the own one's down.
+    grads = jax.grad(lambda p: task.loss(p, batch, key)[0])(params)
+    own_grads = jax.grad(lambda p: plain.loss(p, {k: batch[k] for k in plain.batch_spec(n)}, key)[0])(params)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(own_grads))) > 1e-4
+
+    # The own caption as its own negative: no gap, so the term is softplus(0) on each compared row.
+    same = {**batch, "negative_tokens": batch["tokens"]}
+    _, same_terms = task.loss(params, same, key)
+    assert float(same_terms["negative"]) == pytest.approx(training.NEGATIVE_TEMPERATURE * np.log(2) * compared / n,
+                                                          rel=1e-3)
+    # No negatives (or none at a late enough timestep): exactly the plain loss.
+    none = {**batch, "has_negative": np.zeros(n, bool)}
+    assert float(task.loss(params, none, key)[0]) == float(own_loss)
+    late = training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, negative_weight=2.0, negative_from=0.999)
+    assert sum(float(late.loss(params, batch, jax.random.key(seed))[1]["negative_compared"]) for seed in range(4)) < 0.2
+    # Dropped captions are not compared: their prediction is the unconditional one.
+    dropping = training.diffusion_task(model, diffusion, "base", caption_dropout=0.999, empty_tokens=np.zeros(8, np.int32),
+                                       empty_mask=np.zeros(8, bool), negative_weight=2.0, negative_from=0.0)
+    assert float(dropping.loss(params, batch, key)[1]["negative_compared"]) == 0.0
+
+    with pytest.raises(ConfigError, match="negative_weight must be >= 0"):
+        training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, negative_weight=-1.0)
+    with pytest.raises(ConfigError, match="negative_from must be in"):
+        training.diffusion_task(model, diffusion, "base", caption_dropout=0.0, negative_weight=1.0, negative_from=1.0)
+    untexted = ModelConfig.from_dict({**TINY_MODEL, "xf_width": 0})
+    with pytest.raises(ConfigError, match="negative_weight > 0 needs a text-conditional model"):
+        training.diffusion_task(untexted, diffusion, "base", caption_dropout=0.0, negative_weight=1.0)
+
+
+def test_a_run_with_negative_weight_tokenizes_the_negative_captions(spm_model, workdir):
+    import jax
+    from PIL import Image
+
+    from glide_jax.config import ConfigError
+    from train.run_config import load_run_config
+    from train.train import Trainer
+
+    path = write_config(workdir / "negatives.json", run_config(spm_model, workdir / "negatives", negative_weight=1.0))
+    trainer = Trainer(*load_run_config(path, []))
+    try:
+        loaded = next(trainer.loader)
+        batch = trainer.host_batch(loaded)
+    finally:
+        trainer.close()
+    assert batch["has_negative"].tolist() == [bool(c) for c in loaded["negative_captions"]]
+    expected, _ = trainer.tokenizer.tokenize_batch(loaded["negative_captions"], TINY_MODEL["text_ctx"])
+    np.testing.assert_array_equal(batch["negative_tokens"], expected)
+    loss, metrics = trainer.task.loss(trainer.state.params, batch, jax.random.key(0))
+    assert {"negative", "negative_won", "negative_compared"} <= set(metrics)
+
+    folder = workdir / "folder_images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a caption")
+    path = write_config(workdir / "negatives_folder.json", run_config(
+        spm_model, workdir / "negatives_folder", negative_weight=1.0, data__source={"kind": "folder", "path": str(folder)}))
+    with pytest.raises(ConfigError, match="data: negative captions were asked for, but a FolderSource has none"):
+        Trainer(*load_run_config(path, []))
+
+
 def test_a_second_run_on_a_directory_in_use_is_refused_and_names_the_holder(env, spm_model, workdir):
     from train.train import EXIT_BUSY, lock_run_dir
 

@@ -100,6 +100,8 @@ class RunConfig:
     min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps (or v) loss (see training.diffusion_task)
     high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
     high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
+    negative_weight: float = 0.0  # > 0: hard-negative captions (see training.diffusion_task); shapes data only
+    negative_from: float = 0.7    # ... compared at timesteps from this fraction of the chain on
     ema_rate: float = 0.9999
     ema_debias: bool = True       # average only this run's params (see training.make_train_step)
     diffusion: DiffusionSection = DiffusionSection()
@@ -131,6 +133,10 @@ class RunConfig:
             raise ConfigError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
         if not 0.0 <= self.high_noise_from < 1.0:
             raise ConfigError(f"high_noise_from must be in [0, 1) (a fraction of the chain), got {self.high_noise_from}")
+        if not self.negative_weight >= 0.0:
+            raise ConfigError(f"negative_weight must be >= 0 (0 = off), got {self.negative_weight}")
+        if not 0.0 <= self.negative_from < 1.0:
+            raise ConfigError(f"negative_from must be in [0, 1) (a fraction of the chain), got {self.negative_from}")
         if not 0.0 <= self.ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must be in [0, 1], got {self.ema_rate}")
         b = self.batch

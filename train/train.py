@@ -249,7 +249,8 @@ class Trainer:
             mc, self.diffusion, cfg.model_kind, compute_dtype=cfg.precision,
             caption_dropout=cfg.caption_dropout, empty_tokens=empty_tokens, empty_mask=empty_mask,
             low_res_size=self.low_res_size, min_snr_gamma=cfg.min_snr_gamma,
-            high_noise_fraction=cfg.high_noise_fraction, high_noise_from=cfg.high_noise_from)
+            high_noise_fraction=cfg.high_noise_fraction, high_noise_from=cfg.high_noise_from,
+            negative_weight=cfg.negative_weight, negative_from=cfg.negative_from)
 
     @property
     def low_res_size(self) -> int | None:
@@ -275,7 +276,8 @@ class Trainer:
                 shuffle_buffer=section.shuffle_buffer,
                 prefetch=section.prefetch if prefetch is None else prefetch, workers=section.workers,
                 host_index=jax.process_index(), host_count=jax.process_count(), state=state,
-                low_res_size=self.low_res_size, degradation=degradation, masks=mask_config)
+                low_res_size=self.low_res_size, degradation=degradation, masks=mask_config,
+                negatives=self.cfg.negative_weight > 0)
         except (data.DataError, TypeError, ValueError) as err:
             raise ConfigError(f"data: {err}") from None
 
@@ -287,6 +289,11 @@ class Trainer:
             out["clip_tokens"], out["clip_text_len"] = self.tokenizer.batch_padded_and_len(batch["captions"], ctx)
         elif self.model_config.has_text:
             out["tokens"], out["mask"] = self.tokenizer.tokenize_batch(batch["captions"], self.model_config.text_ctx)
+            if "negative_captions" in batch:
+                negatives = batch["negative_captions"]
+                out["negative_tokens"], out["negative_mask"] = self.tokenizer.tokenize_batch(
+                    negatives, self.model_config.text_ctx)
+                out["has_negative"] = np.array([bool(caption) for caption in negatives])
         for key in ("low_res", "inpaint_mask"):
             if key in batch:
                 out[key] = batch[key]
@@ -425,6 +432,9 @@ class Trainer:
         log.info("step %d/%d  loss %.5f  grad_norm %.4f  lr %.3g  %s img/s  eta %s", step, self.cfg.train_steps,
                  means.get("loss", float("nan")), means.get("grad_norm", float("nan")),
                  means.get("learning_rate", float("nan")), rate, eta)
+        if "negative_won" in means:
+            log.info("step %d  negative captions: own caption better on %.1f%% of %.1f%% compared", step,
+                     100 * means["negative_won"], 100 * means["negative_compared"])
         return record
 
     def close(self) -> None:
