@@ -331,13 +331,16 @@ class ShapesSource(Source):
         return scene.render(image_size), scene.caption(rng)
 
     def negative_caption(self, index, epoch, rng):
-        # The two shapes' colours exchanged: the caption's words unchanged, their binding reversed.
-        # Skipped where that would name a held-out colour-shape pair, which training never shows.
-        swapped = shapes_lib.colours_swapped(self.scene(index, epoch))
-        if swapped is None or (self.split == "train" and not set(swapped.spec.objects) <= set(
-                shapes_lib.TRAIN_COMBINATIONS)):
+        # The two shapes' colours, or their kinds, exchanged: the caption's words unchanged, their
+        # binding reversed; which of the two alternates from record to record. Skipped where it
+        # would name a held-out colour-shape pair, which training never shows.
+        scene = self.scene(index, epoch)
+        options = [other for other in (shapes_lib.swapped(scene, "colour"), shapes_lib.swapped(scene, "kind"))
+                   if other is not None and (self.split != "train" or set(other.spec.objects) <= set(
+                       shapes_lib.TRAIN_COMBINATIONS))]
+        if not options:
             return None
-        return swapped.caption(rng)
+        return options[index % len(options)].caption(rng)
 
     def object_boxes(self, index, epoch):
         return [s.box for s in self.scene(index, epoch).shapes]

@@ -146,15 +146,19 @@ class Scene:
         return options[int(rng.integers(len(options)))]
 
 
-def colours_swapped(scene: Scene) -> Scene | None:
-    """The scene with its two shapes' colours exchanged (same places, same background), or None when
-    that changes nothing: one shape, or two of one colour. Its caption is the hardest negative for
-    the scene's image: the same words, only bound the other way."""
-    if len(scene.shapes) != 2 or scene.shapes[0].colour == scene.shapes[1].colour:
+def swapped(scene: Scene, attribute: str) -> Scene | None:
+    """The scene with its two shapes' `attribute` ("colour" or "kind") exchanged (same places, same
+    background), or None when that changes nothing: one shape, or two alike in it. Its caption is
+    the hardest negative for the scene's image: the same words, only bound the other way."""
+    if attribute not in ("colour", "kind"):
+        raise ValueError(f"attribute must be 'colour' or 'kind', got {attribute!r}")
+    if len(scene.shapes) != 2:
         return None
     first, second = scene.shapes
-    return dataclasses.replace(scene, shapes=(dataclasses.replace(first, colour=second.colour),
-                                              dataclasses.replace(second, colour=first.colour)))
+    if getattr(first, attribute) == getattr(second, attribute):
+        return None
+    return dataclasses.replace(scene, shapes=(dataclasses.replace(first, **{attribute: getattr(second, attribute)}),
+                                              dataclasses.replace(second, **{attribute: getattr(first, attribute)})))
 
 
 # -- captions ----------------------------------------------------------------------------------

@@ -169,36 +169,37 @@ def test_shapes_source_renders_at_the_loader_size_and_matches_the_stream():
         assert cap in sc.captions()
 
 
-def test_shapes_negative_captions_swap_the_colours_in_the_same_words(folder):
-    source = D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 200})
-    loader = D.DataLoader(source, batch_size=200, image_size=8, seed=0, prefetch=0, negatives=True)
+def test_shapes_negative_captions_swap_colours_or_kinds_in_the_same_words(folder):
+    source = D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 300})
+    loader = D.DataLoader(source, batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True)
     batch = next(loader)
-    colour_words = set(S.SHAPE_COLOURS)
-    counts = {"swapped": 0, "held out": 0, "none": 0}
+    words = {"colour": set(S.SHAPE_COLOURS), "kind": set(S.KINDS)}
+    counts = {"colour": 0, "kind": 0, "held out": 0, "none": 0}
     for index, (caption, negative) in enumerate(zip(batch["captions"], batch["negative_captions"])):
         scene = S.scene_at(4, index)
-        swapped = S.colours_swapped(scene)
-        if swapped is None:
-            assert negative == ""
-            counts["none"] += 1
-        elif not set(swapped.spec.objects) <= set(S.TRAIN_COMBINATIONS):
-            assert negative == ""      # it would name a held-out colour-shape pair
-            counts["held out"] += 1
-        else:
-            counts["swapped"] += 1
-            assert negative in swapped.captions()
-            # The same phrasing: only the two colour words change places.
-            own, other = caption.split(), negative.split()
-            changed = [i for i, (a, b) in enumerate(zip(own, other)) if a != b]
-            assert len(own) == len(other) and len(changed) == 2
-            assert {own[i] for i in changed} <= colour_words and [own[i] for i in changed] == [other[i] for i in reversed(changed)]
+        allowed = {attribute: other for attribute in ("colour", "kind")
+                   if (other := S.swapped(scene, attribute)) is not None
+                   and set(other.spec.objects) <= set(S.TRAIN_COMBINATIONS)}
+        if not allowed:
+            assert negative == ""      # nothing to swap, or it would name a held-out colour-shape pair
+            counts["none" if S.swapped(scene, "colour") is None and S.swapped(scene, "kind") is None
+                   else "held out"] += 1
+            continue
+        attribute = next(a for a, other in allowed.items() if negative in other.captions())
+        counts[attribute] += 1
+        # The same phrasing: only the two colour (or shape) words change places.
+        own, other = caption.replace(",", " ").split(), negative.replace(",", " ").split()
+        changed = [i for i, (a, b) in enumerate(zip(own, other)) if a != b]
+        assert len(own) == len(other) and len(changed) == 2, (caption, negative)
+        assert {own[i] for i in changed} <= words[attribute]
+        assert [own[i] for i in changed] == [other[i] for i in reversed(changed)]
     assert min(counts.values()) > 0, counts
     # A held-out stream may name held-out pairs in its negatives too.
     heldout = D.DataLoader(D.make_source({"kind": "shapes", "seed": 4, "split": "heldout", "epoch_size": 50}),
                            batch_size=50, image_size=8, seed=0, prefetch=0, negatives=True)
     held = next(heldout)
-    assert all((S.colours_swapped(S.scene_at(4, i, "heldout")) is None) == (negative == "")
-               for i, negative in enumerate(held["negative_captions"]))
+    assert all((S.swapped(scene, "colour") is None and S.swapped(scene, "kind") is None) == (negative == "")
+               for scene, negative in zip((S.scene_at(4, i, "heldout") for i in range(50)), held["negative_captions"]))
     assert "negative_captions" not in next(D.DataLoader(source, batch_size=2, image_size=8, prefetch=0))
     with pytest.raises(D.DataError, match="negative captions were asked for, but a FolderSource has none"):
         D.DataLoader(D.FolderSource(folder), batch_size=2, image_size=8, prefetch=0, negatives=True)

@@ -164,18 +164,23 @@ def test_invalid_scenes_and_images_are_rejected():
         S.analyse(np.zeros((32, 32, 3), np.float32))
 
 
-def test_colours_swapped_exchanges_two_shapes_colours_and_nothing_else():
+@pytest.mark.parametrize("attribute", ["colour", "kind"])
+def test_swapped_exchanges_one_attribute_of_two_shapes_and_nothing_else(attribute):
     scenes = _scenes(40)
-    pairs = [scene for scene in scenes if len(scene.shapes) == 2 and scene.shapes[0].colour != scene.shapes[1].colour]
+    pairs = [scene for scene in scenes
+             if len(scene.shapes) == 2 and getattr(scene.shapes[0], attribute) != getattr(scene.shapes[1], attribute)]
     assert pairs
     for scene in pairs:
-        swapped = S.colours_swapped(scene)
-        assert [s.colour for s in swapped.shapes] == [s.colour for s in reversed(scene.shapes)]
-        assert [dataclasses.replace(s, colour="red") for s in swapped.shapes] == [
-            dataclasses.replace(s, colour="red") for s in scene.shapes]
+        swapped = S.swapped(scene, attribute)
+        assert [getattr(s, attribute) for s in swapped.shapes] == [getattr(s, attribute) for s in reversed(scene.shapes)]
+        rest = lambda shape: {k: v for k, v in dataclasses.asdict(shape).items() if k != attribute}
+        assert [rest(s) for s in swapped.shapes] == [rest(s) for s in scene.shapes]
         assert (swapped.background, swapped.relation) == (scene.background, scene.relation)
     one = next(scene for scene in scenes if len(scene.shapes) == 1)
-    assert S.colours_swapped(one) is None
+    assert S.swapped(one, attribute) is None
     pair = pairs[0]
-    same = dataclasses.replace(pair, shapes=(pair.shapes[0], dataclasses.replace(pair.shapes[1], colour=pair.shapes[0].colour)))
-    assert S.colours_swapped(same) is None
+    alike = dataclasses.replace(pair, shapes=(pair.shapes[0], dataclasses.replace(
+        pair.shapes[1], **{attribute: getattr(pair.shapes[0], attribute)})))
+    assert S.swapped(alike, attribute) is None
+    with pytest.raises(ValueError, match="attribute must be 'colour' or 'kind'"):
+        S.swapped(pair, "size")
