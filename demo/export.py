@@ -2,13 +2,15 @@
 
     python demo/export.py model --run out/demo_runs/base --out demo/base --tokenizer demo/tokenizer.model
     python demo/export.py model --run out/demo_runs/clip --out demo/clip
+    python demo/export.py init --run out/demo_runs/base --out out/demo_runs/base_init
     python demo/export.py inpaint-init --run out/demo_runs/base --out out/demo_runs/inpaint_init
     python demo/export.py grow --run out/demo_runs/base --attention-resolutions 16,8 --out out/demo_runs/base16_init
 
 `model` takes the EMA params of the run's newest checkpoint, stores them as float16 (half the
 size of float32; `sample.generate` upcasts on load) with the model's config through
 `glide_jax.checkpoint.save_model`, and copies the model's tokenizer next to them, which is how
-the sampling CLI knows which tokenizer goes with the model. `inpaint-init` writes the base's
+the sampling CLI knows which tokenizer goes with the model. `init` writes them as float32, for a
+run to start from. `inpaint-init` writes the base's
 float32 EMA params with the input convolution widened from 3 to 7 channels (the masked image and
 the mask), the new input weights zero, so the inpainting model starts as exactly the base model.
 """
@@ -79,6 +81,16 @@ def export_model(args) -> None:
                                                   "seed": raw.get("seed"), "storage": "float16 (EMA params)"},
                                                  indent=1) + "\n")
     print(f"wrote {out}: step {step}, {sum(a.size for a in jax.tree.leaves(half))} params")
+
+
+def export_init(args) -> None:
+    """The run's newest EMA params, float32, with its model config: a run to start another from
+    (`init_from`) without the rounding of the float16 export."""
+    from glide_jax import checkpoint
+
+    step, raw, params = newest_run_state(Path(args.run).absolute())
+    checkpoint.save_model(Path(args.out), params, model_config(raw), overwrite=True)
+    print(f"wrote {args.out}: step {step} (float32 EMA params)")
 
 
 def widen_for_inpainting(params: dict) -> dict:
@@ -229,6 +241,9 @@ def main(argv=None) -> int:
     m.add_argument("--run", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--tokenizer")
+    e = sub.add_parser("init")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True)
     i = sub.add_parser("inpaint-init")
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)
@@ -245,7 +260,7 @@ def main(argv=None) -> int:
                    help="add a SIZE x SIZE map of the caption over the image (text_layout_size), changing nothing")
     g.add_argument("--seed", type=int, default=0, help="initialises the added layers")
     args = parser.parse_args(argv)
-    {"model": export_model, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)
+    {"model": export_model, "init": export_init, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)
     return 0
 
 

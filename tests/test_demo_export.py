@@ -204,6 +204,34 @@ def test_added_position_embeddings_start_at_zero():
     assert not np.allclose(outputs(placed, nudged), outputs(small, trained), atol=1e-3)
 
 
+def test_a_run_exports_as_float16_for_bundling_and_float32_to_start_from(tmp_path):
+    import json
+
+    import orbax.checkpoint as ocp
+
+    config = ModelConfig(attention_resolutions="4", **SMALL)
+    ema = jax.tree.map(lambda a: a + np.float32(1e-4), trained_like(config))
+    run = tmp_path / "run"
+    saver = ocp.StandardCheckpointer()
+    for step in (5, 10):   # the newest checkpoint is the one exported
+        saver.save(run / str(step) / "state", {"ema_params": jax.tree.map(lambda a: a * step, ema)})
+        saver.wait_until_finished()
+        (run / str(step) / "run").mkdir(parents=True)
+        (run / str(step) / "run" / "metadata").write_text(json.dumps({"model": config.to_dict(), "model_kind": "base"}))
+    tokenizer = PROJECT_ROOT / "demo" / "tokenizer.model"
+    assert export.main(["init", "--run", str(run), "--out", str(tmp_path / "init")]) == 0
+    assert export.main(["model", "--run", str(run), "--out", str(tmp_path / "model"), "--tokenizer", str(tokenizer)]) == 0
+    init_config, init = checkpoint.load_model(tmp_path / "init")
+    model_config, model = checkpoint.load_model(tmp_path / "model")
+    assert init_config == model_config == config.to_dict()
+    expected = jax.tree.map(lambda a: np.asarray(a * 10), ema)
+    jax.tree.map(np.testing.assert_array_equal, init, expected)
+    assert {leaf.dtype for leaf in jax.tree.leaves(model)} == {np.dtype(np.float16)}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.astype(np.float32), b, rtol=1e-3, atol=1e-4), model, expected)
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    assert json.loads((tmp_path / "model" / "TRAINED.json").read_text())["step"] == 10
+
+
 def test_added_text_layout_changes_nothing_until_trained(tmp_path):
     small = ModelConfig(attention_resolutions="4", **SMALL)
     laid_out = ModelConfig(attention_resolutions="4", text_layout_size=4, **SMALL)
