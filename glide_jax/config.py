@@ -83,7 +83,9 @@ class ModelConfig:
     # (resized to its resolution, zero at initialisation) to its timestep scale and shift. GLIDE
     # gives the caption's pooled vector to every place alike, and its tokens only through attention
     # that must first find the place in a noisy image; this path lets the caption alone say "red here,
-    # blue there" at the noisiest steps, where a small model settles the colours. 0: off (GLIDE).
+    # blue there" at the noisiest steps, where a small model settles the colours. With hard-negative
+    # captions (run config `negative_weight`) it binds the demo base's colours and shapes to their
+    # objects; trained without them, it learned nothing (demo/REPRODUCE.md, item 7). 0: off (GLIDE).
     text_layout_size: int = 0
     text_layout_heads: int = 4
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).

@@ -228,7 +228,7 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
 
     `negative_weight` > 0 adds a hard-negative term: batches then carry, per example, a caption the
     image nearly matches (`negative_tokens`, `negative_mask`, `has_negative`; for the shapes data the
-    two objects' colours swapped). On examples with one, a timestep from `negative_from` * T on and
+    two objects' colours or shapes exchanged). On examples with one, a timestep from `negative_from` * T on and
     their own caption kept, the model also predicts from the same x_t under the negative caption,
     and the term asks that prediction's (weighted) MSE to exceed the own caption's:
     NEGATIVE_TEMPERATURE * softplus((mse_own - mse_negative) / NEGATIVE_TEMPERATURE), averaged over
@@ -324,7 +324,7 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         x_t = diffusion.q_sample(x0, t, noise)
         kwargs = {}
         tokens = mask = None
-        caption_kept = jnp.ones_like(drop) if not (train and caption_dropout > 0) else ~drop
+        caption_kept = ~drop if train and caption_dropout > 0 else jnp.ones_like(drop)
         if config.has_text:
             tokens, mask = batch["tokens"], batch["mask"]
             if train and caption_dropout > 0:
@@ -346,12 +346,11 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
         if negative_weight > 0:
             qualifies = batch["has_negative"] & (t >= negative_start) & caption_kept
             rows_compared = jnp.argsort(~qualifies, stable=True)[:max(1, int(n * NEGATIVE_SHARE))]
-            pick = lambda value: None if value is None else value[rows_compared]
-            neg_out = model.apply({"params": params}, x_t[rows_compared], diffusion.original_timesteps(t[rows_compared]),
+            t_compared = t[rows_compared]
+            neg_out = model.apply({"params": params}, x_t[rows_compared], diffusion.original_timesteps(t_compared),
                                   batch["negative_tokens"][rows_compared], batch["negative_mask"][rows_compared],
                                   deterministic=not train, rngs={"dropout": jax.random.fold_in(k_dropout, 1)},
-                                  **{name: pick(value) for name, value in kwargs.items()})
-            t_compared = t[rows_compared]
+                                  **{name: value[rows_compared] for name, value in kwargs.items()})
             neg_mse = diffusion.training_losses(neg_out.astype(jnp.float32), x0[rows_compared], x_t[rows_compared],
                                                 t_compared, noise[rows_compared])["mse"]
             weights = jnp.asarray(mse_weights)[t_compared]
