@@ -219,6 +219,55 @@ def test_same_update_on_one_eight_and_fsdp_devices_with_accumulation_and_loss_go
     assert abs(out["accum_losses"][0] - out["accum_losses"][1]) < 1e-5, out
 
 
+NEGATIVES_DEVICES_SCRIPT = """
+import json
+import jax, numpy as np
+from glide_jax import parallel, training
+from glide_jax.config import ModelConfig
+from glide_jax.diffusion import GaussianDiffusion
+from glide_jax.shapes import scene_at
+
+model = ModelConfig.from_dict(dict(json.loads({model!r}), dropout=0.0, text_layout_size=2))
+task = training.diffusion_task(model, GaussianDiffusion.create("squaredcos_cap_v2", 100), "base", caption_dropout=0.2,
+                               empty_tokens=np.ones(8, np.int32), empty_mask=np.zeros(8, bool),
+                               negative_weight=10.0, negative_from=0.0)
+opt_cfg = training.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-4)
+optimizer = training.make_optimizer(opt_cfg)
+rng = np.random.default_rng(0)
+n = 16
+batch = {{"images": np.stack([scene_at(0, i).render(8) for i in range(n)]).astype(np.float32) / 127.5 - 1,
+          "tokens": rng.integers(2, 40, (n, 8)).astype(np.int32), "mask": np.ones((n, 8), bool),
+          "negative_tokens": rng.integers(2, 40, (n, 8)).astype(np.int32), "negative_mask": np.ones((n, 8), bool),
+          "has_negative": rng.random(n) < 0.5}}
+finals, out = {{}}, {{}}
+for name, mesh in [("one", parallel.make_mesh(devices=jax.devices()[:1])), ("eight", parallel.make_mesh())]:
+    state = training.create_train_state(task, optimizer, jax.random.key(7), mesh)
+    step = training.make_train_step(task, optimizer, mesh, training.state_shardings(task, optimizer, mesh), ema_rate=0.5)
+    for _ in range(3):
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    finals[name] = parallel.to_host(state.params)
+    out[name] = {{k: float(v) for k, v in metrics.items() if k.startswith("negative")}}
+out["params_diff"] = max(float(np.max(np.abs(a - b)))
+                         for a, b in zip(jax.tree.leaves(finals["one"]), jax.tree.leaves(finals["eight"])))
+out["devices"] = len(jax.devices())
+print(json.dumps(out))
+"""
+
+
+def test_negative_term_gives_the_same_update_on_one_and_eight_devices(env):
+    # The compared rows are chosen over the whole batch, which eight devices hold in pieces.
+    script = NEGATIVES_DEVICES_SCRIPT.format(model=json.dumps(TINY_MODEL))
+    child_env = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env, capture_output=True, text=True,
+                          timeout=600, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    assert out["one"]["negative_compared"] == out["eight"]["negative_compared"] > 0
+    assert out["one"]["negative"] == pytest.approx(out["eight"]["negative"], rel=1e-4)
+    assert out["params_diff"] < 2e-5, out
+
+
 # -- the training CLI ------------------------------------------------------------------------------
 
 def test_killed_run_resumes_to_the_same_params(env, spm_model, workdir):
