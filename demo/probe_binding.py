@@ -70,7 +70,7 @@ def changed_colours(scene) -> tuple[str, ...]:
     from glide_jax import shapes
 
     if len(scene.shapes) == 2:
-        return scene.shapes[1].colour, scene.shapes[0].colour
+        return tuple(shape.colour for shape in shapes.swapped(scene, "colour").shapes)
     own = scene.shapes[0].colour
     palette = shapes.SHAPE_COLOURS
     start = palette.index(own)
