@@ -17,6 +17,8 @@ GLIDE_VOCAB_SIZE = 50257
 
 # What a diffusion model's output can predict (ModelConfig.prediction).
 PREDICTIONS = ("eps", "v")
+# What the text layout's places take from the caption (ModelConfig.text_layout_values).
+TEXT_LAYOUT_VALUES = ("features", "words")
 
 # Keys that appear in the reference's `*.config.json` / `model_and_diffusion_defaults()` but do
 # not change the network: they are accepted and kept for round-tripping, never silently dropped.
@@ -88,6 +90,13 @@ class ModelConfig:
     # objects; trained without them, it learned nothing (demo/REPRODUCE.md, item 7). 0: off (GLIDE).
     text_layout_size: int = 0
     text_layout_heads: int = 4
+    # What each place of the layout takes from the words it attends to. "features": the text
+    # transformer's outputs, which also say what the rest of the caption is. "words": the words'
+    # own embeddings (normalised), while where to look still comes from the outputs; a place then
+    # receives a mix of word vectors each seen in training, so a colour never paired with a shape
+    # in training still arrives as the same colour (the held-out pairs of demo/REPRODUCE.md).
+    # Same parameters either way.
+    text_layout_values: str = "features"
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
@@ -119,6 +128,9 @@ class ModelConfig:
         if self.text_layout_size and (self.text_layout_heads <= 0 or self.xf_width % self.text_layout_heads):
             raise ConfigError(f"text_layout_heads {self.text_layout_heads} must be positive and divide "
                               f"xf_width {self.xf_width}")
+        if self.text_layout_values not in TEXT_LAYOUT_VALUES:
+            raise ConfigError(f"text_layout_values must be one of {list(TEXT_LAYOUT_VALUES)}, "
+                              f"got {self.text_layout_values!r}")
         if self.norm_groups <= 0:
             raise ConfigError(f"norm_groups must be positive, got {self.norm_groups}")
         for mult in self.channel_multipliers:

@@ -98,26 +98,39 @@ class AttentionBlock(nn.Module):
         return x + out.reshape(x.shape)
 
 
+def _standardise(x, eps: float = 1e-5):
+    """Zero mean, unit variance over the last axis: a LayerNorm without its scale and bias."""
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
 class TextLayout(nn.Module):
     """The caption laid out over a `size`×`size` grid (see ModelConfig.text_layout_size): one learned
     query per place attends to the text tokens, and the timestep embedding is added so that the
-    map can say different things at different noise levels. Returns [B, size, size, width]."""
+    map can say different things at different noise levels. Keys and values come from the text
+    transformer's outputs `xf_out`, or, given `xf_words` (ModelConfig.text_layout_values "words"),
+    the values from the words' own embeddings, normalised to the outputs' scale; the parameters are
+    the same either way. Returns [B, size, size, width]."""
 
     size: int
     heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, xf_out, emb):
+    def __call__(self, xf_out, emb, xf_words=None):
         batch, _, width = xf_out.shape
         head_ch = width // self.heads
         # Unit-scale queries: the attention must tell the places apart from the first step on.
         queries = self.param("queries", nn.initializers.normal(1.0), (self.size * self.size, width), jnp.float32)
         q = dense(width, self.dtype, "q")(queries.astype(self.dtype))
         q = jnp.broadcast_to(q.reshape(1, -1, self.heads, head_ch), (batch, q.shape[0], self.heads, head_ch))
-        kv = dense(2 * width, self.dtype, "kv")(xf_out.astype(self.dtype))
-        kv = kv.reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
-        out = multihead_attention(q, kv[..., 0, :], kv[..., 1, :]).reshape(batch, -1, width)
+        kv_layer = dense(2 * width, self.dtype, "kv")
+        kv = kv_layer(xf_out.astype(self.dtype)).reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
+        k, v = kv[..., 0, :], kv[..., 1, :]
+        if xf_words is not None:
+            words = _standardise(xf_words.astype(jnp.float32)).astype(self.dtype)
+            v = kv_layer(words).reshape(batch, xf_words.shape[1], self.heads, 2, head_ch)[..., 1, :]
+        out = multihead_attention(q, k, v).reshape(batch, -1, width)
         out = dense(width, self.dtype, "proj")(out) + dense(width, self.dtype, "emb_proj")(nn.silu(emb))[:, None, :]
         return nn.silu(out).reshape(batch, self.size, self.size, width)
 
@@ -162,7 +175,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True):
+    def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True, xf_words=None):
         cfg = self.config
         model_ch = cfg.num_channels
         attention_rates = cfg.attention_downsample_rates
@@ -180,7 +193,7 @@ class UNet(nn.Module):
             emb = emb + xf_proj.astype(emb.dtype)
         layout = None
         if cfg.text_layout_size and xf_out is not None:
-            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype, name="text_layout")(xf_out, emb)
+            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype, name="text_layout")(xf_out, emb, xf_words)
 
         def res_block(out_ch, name, resample=None):
             block = ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,
@@ -259,7 +272,8 @@ class GlideUNet(nn.Module):
             self.text_encoder = TextEncoder(
                 text_ctx=cfg.text_ctx, width=cfg.xf_width, layers=cfg.xf_layers, heads=cfg.xf_heads,
                 n_vocab=cfg.n_vocab, final_ln=cfg.xf_final_ln, padding=cfg.xf_padding,
-                proj_dim=cfg.time_embed_dim, dtype=self.dtype)
+                proj_dim=cfg.time_embed_dim,
+                word_features=bool(cfg.text_layout_size) and cfg.text_layout_values == "words", dtype=self.dtype)
         self.unet = UNet(cfg, self.dtype)
 
     def encode_text(self, tokens, mask=None) -> TextOutputs | None:
@@ -294,7 +308,8 @@ class GlideUNet(nn.Module):
         h = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
         xf_proj = text["xf_proj"] if text is not None else None
         xf_out = text["xf_out"] if text is not None else None
-        out = self.unet(h, timesteps, xf_proj, xf_out, deterministic)
+        xf_words = text.get("xf_words") if text is not None else None
+        out = self.unet(h, timesteps, xf_proj, xf_out, deterministic, xf_words)
         return out.astype(x.dtype)
 
     def __call__(self, x, timesteps, tokens=None, mask=None, *, low_res=None, inpaint_image=None,

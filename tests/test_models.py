@@ -345,6 +345,54 @@ def test_text_layout_lets_the_caption_condition_places_differently():
         ModelConfig(**{**config.to_dict(), "text_layout_size": 4, "text_layout_heads": 3})
 
 
+def test_text_layout_of_words_gives_each_word_the_same_value_in_any_caption():
+    from glide_jax.unet import TextLayout
+
+    config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                         num_head_channels=8, text_ctx=6, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20,
+                         dropout=0.0, norm_groups=4, text_layout_size=4)
+    words_config = ModelConfig(**{**config.to_dict(), "text_layout_values": "words"})
+    # The same parameters serve both, so a trained model can be switched and fine-tuned.
+    assert jax.tree.map(np.shape, param_shapes(config)) == jax.tree.map(np.shape, param_shapes(words_config))
+    params = randomized(param_shapes(words_config))
+    # A text transformer whose outputs depend on position and context as much as on the word.
+    params["text_encoder"] = jax.tree.map(lambda p: 10 * p, params["text_encoder"])
+    tokens = np.array([[3, 7, 9, 4, 0, 0], [9, 3, 4, 7, 0, 0]], np.int32)   # the same words, reordered
+    mask = np.array([[1, 1, 1, 1, 0, 0]] * 2, bool)
+    text = GlideUNet(words_config).apply({"params": params}, tokens, mask, method=GlideUNet.encode_text)
+    assert "xf_words" not in GlideUNet(config).apply({"params": params}, tokens, mask, method=GlideUNet.encode_text)
+    encoder = params["text_encoder"]
+    expected = np.where(mask[..., None], np.asarray(encoder["token_embedding"]["embedding"])[tokens],
+                        np.asarray(encoder["padding_embedding"])[None])
+    np.testing.assert_array_equal(text["xf_words"], expected)
+
+    # With the keys zeroed every place attends to all positions alike, so what it receives is the mean
+    # of the positions' values: the same for both orders when the values are the words themselves,
+    # not when they are the transformer's outputs (which know position and context).
+    layout_params = dict(params["unet"]["text_layout"])
+    kernel = np.asarray(layout_params["kv"]["kernel"]).reshape(16, 4, 2, 4).copy()
+    kernel[:, :, 0] = 0.0
+    layout_params["kv"] = {**layout_params["kv"], "kernel": kernel.reshape(16, 32)}
+    layout = TextLayout(size=4, heads=4)
+    emb = np.zeros((2, config.time_embed_dim), np.float32)
+    of_words = np.asarray(layout.apply({"params": layout_params}, text["xf_out"], emb, text["xf_words"]))
+    of_features = np.asarray(layout.apply({"params": layout_params}, text["xf_out"], emb))
+    np.testing.assert_allclose(of_words[0], of_words[1], atol=1e-6)
+    assert np.abs(of_features[0] - of_features[1]).max() > 1e-3
+    # Where to look still comes from the outputs: with keys, reordering moves what each place receives.
+    sharp = {**params["unet"]["text_layout"], "queries": 10 * params["unet"]["text_layout"]["queries"]}
+    mixed = np.asarray(layout.apply({"params": sharp}, text["xf_out"], emb, text["xf_words"]))
+    assert np.abs(mixed[0] - mixed[1]).max() > 1e-3
+
+    noise = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    timesteps = np.array([500, 500])
+    by_words = GlideUNet(words_config).apply({"params": params}, noise, timesteps, tokens, mask)
+    by_features = GlideUNet(config).apply({"params": params}, noise, timesteps, tokens, mask)
+    assert np.abs(np.asarray(by_words) - np.asarray(by_features)).max() > 1e-3
+    with pytest.raises(ConfigError, match="text_layout_values must be one of \\['features', 'words'\\], got 'tokens'"):
+        ModelConfig(**{**config.to_dict(), "text_layout_values": "tokens"})
+
+
 def test_attention_position_embedding_lets_attention_tell_places_apart():
     from glide_jax.unet import AttentionBlock
 
