@@ -306,16 +306,21 @@ class ShapesSource(Source):
     loader's image size. It is endless; an "epoch" is `epoch_size` fresh scenes (epoch e
     holds scenes e*epoch_size ... (e+1)*epoch_size - 1 of the `(seed, split)` stream), which
     gives it the same position bookkeeping as the file sources. The caption phrasing is chosen
-    per record from the loader's seeded per-record generator."""
+    per record from the loader's seeded per-record generator. With `attribute_negatives`, its
+    negative captions (`negative_caption`) also name one wrong colour or shape."""
 
     shuffle = False   # scenes are independent draws already
 
-    def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000):
+    def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
+                 attribute_negatives: bool = False):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
             raise DataError(f"shapes source: 'epoch_size' must be positive, got {epoch_size}")
+        if not isinstance(attribute_negatives, bool):
+            raise DataError(f"shapes source: 'attribute_negatives' must be true or false, got {attribute_negatives!r}")
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
+        self.attribute_negatives = attribute_negatives
 
     def __len__(self):
         return self.epoch_size
@@ -332,15 +337,27 @@ class ShapesSource(Source):
 
     def negative_caption(self, index, epoch, rng):
         # The two shapes' colours, or their kinds, exchanged: the caption's words unchanged, their
-        # binding reversed; which of the two alternates from record to record. Skipped where it
-        # would name a held-out colour-shape pair, which training never shows.
+        # binding reversed; which of the two alternates from record to record. Nothing names a
+        # held-out colour-shape pair, which training never shows.
+        # With attribute_negatives, every third two-shape record instead has one shape's colour
+        # changed, and a one-shape record its colour (odd records) or kind (even ones): the swaps
+        # teach which object each word belongs to, these that every word must be followed.
         scene = self.scene(index, epoch)
-        options = [other for other in (shapes_lib.swapped(scene, "colour"), shapes_lib.swapped(scene, "kind"))
-                   if other is not None and (self.split != "train" or set(other.spec.objects) <= set(
-                       shapes_lib.TRAIN_COMBINATIONS))]
+        allowed = shapes_lib.TRAIN_COMBINATIONS if self.split == "train" else shapes_lib.ALL_COMBINATIONS
+        if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
+            options, pick = shapes_lib.changed(scene, (index // 3) % 2, "colour", allowed), index // 6
+        elif self.attribute_negatives and len(scene.shapes) == 1:
+            if index % 2:
+                options, pick = shapes_lib.changed(scene, 0, "colour", allowed), index // 6
+            else:
+                options, pick = shapes_lib.changed(scene, 0, "kind", allowed), index // 2
+        else:
+            options = [other for other in (shapes_lib.swapped(scene, "colour"), shapes_lib.swapped(scene, "kind"))
+                       if other is not None and set(other.spec.objects) <= set(allowed)]
+            pick = index
         if not options:
             return None
-        return options[index % len(options)].caption(rng)
+        return options[pick % len(options)].caption(rng)
 
     def object_boxes(self, index, epoch):
         return [s.box for s in self.scene(index, epoch).shapes]
@@ -350,7 +367,7 @@ class ShapesSource(Source):
 
 
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
-                "shapes": {"kind", "seed", "split", "epoch_size"}}
+                "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -358,8 +375,8 @@ def make_source(spec: dict[str, Any]) -> Source:
 
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
-    * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000}` (all optional
-      but `kind`)
+    * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
+      "attribute_negatives": false}` (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -388,7 +405,8 @@ def make_source(spec: dict[str, Any]) -> Source:
                             f"{type(shards).__name__}")
         return TarSource(shards)
     return ShapesSource(seed=spec.get("seed", 0), split=spec.get("split", "train"),
-                        epoch_size=spec.get("epoch_size", 100_000))
+                        epoch_size=spec.get("epoch_size", 100_000),
+                        attribute_negatives=spec.get("attribute_negatives", False))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------

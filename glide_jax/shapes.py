@@ -161,6 +161,30 @@ def swapped(scene: Scene, attribute: str) -> Scene | None:
                                               dataclasses.replace(second, **{attribute: getattr(first, attribute)})))
 
 
+def changed(scene: Scene, which: int, attribute: str,
+            allowed: tuple[tuple[str, str], ...] = ALL_COMBINATIONS) -> list[Scene]:
+    """The scene with shape `which`'s `attribute` ("colour" or "kind") replaced by each other value,
+    in SHAPE_COLOURS or KINDS order, that leaves it an `allowed` colour-shape pair and, for a
+    colour, differs from every other shape's colour and from the background. Their captions are
+    near misses of the scene's own that name one wrong word (where `swapped` names only right ones)."""
+    if attribute not in ("colour", "kind"):
+        raise ValueError(f"attribute must be 'colour' or 'kind', got {attribute!r}")
+    if not 0 <= which < len(scene.shapes):
+        raise ValueError(f"shape {which} of a scene with {len(scene.shapes)}")
+    shape = scene.shapes[which]
+    if attribute == "colour":
+        taken = {s.colour for s in scene.shapes} | {scene.background}
+        values = [c for c in SHAPE_COLOURS if c not in taken and (c, shape.kind) in allowed]
+    else:
+        values = [k for k in KINDS if k != shape.kind and (shape.colour, k) in allowed]
+    out = []
+    for value in values:
+        shapes = list(scene.shapes)
+        shapes[which] = dataclasses.replace(shape, **{attribute: value})
+        out.append(dataclasses.replace(scene, shapes=tuple(shapes)))
+    return out
+
+
 # -- captions ----------------------------------------------------------------------------------
 
 _SINGLE_TEMPLATES = (

@@ -205,6 +205,38 @@ def test_shapes_negative_captions_swap_colours_or_kinds_in_the_same_words(folder
         D.DataLoader(D.FolderSource(folder), batch_size=2, image_size=8, prefetch=0, negatives=True)
 
 
+def test_shapes_attribute_negatives_also_name_one_wrong_colour_or_shape():
+    spec = {"kind": "shapes", "seed": 4, "epoch_size": 300}
+    swaps = next(D.DataLoader(D.make_source(spec), batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True))
+    batch = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": True}), batch_size=300, image_size=8,
+                              seed=0, prefetch=0, negatives=True))
+    assert batch["captions"] == swaps["captions"]
+    counts = {"swap": 0, "colour": 0, "kind": 0}
+    for index, (caption, negative) in enumerate(zip(batch["captions"], batch["negative_captions"])):
+        scene = S.scene_at(4, index)
+        if len(scene.shapes) == 2 and index % 3 != 2:
+            assert negative == swaps["negative_captions"][index]
+            counts["swap"] += negative != ""
+            continue
+        which = 0 if len(scene.shapes) == 1 else (index // 3) % 2
+        attribute = "kind" if len(scene.shapes) == 1 and index % 2 == 0 else "colour"
+        options = S.changed(scene, which, attribute, S.TRAIN_COMBINATIONS)
+        assert (negative == "") == (not options)
+        if not options:
+            continue
+        other = next(o for o in options if negative in o.captions())
+        counts[attribute] += 1
+        # One word of the same phrasing changed, to a colour the picture does not show or a training pair.
+        own, words = caption.replace(",", " ").split(), negative.replace(",", " ").split()
+        assert len(own) == len(words) and sum(a != b for a, b in zip(own, words)) == 1, (caption, negative)
+        assert set(other.spec.objects) <= set(S.TRAIN_COMBINATIONS)
+        assert other.shapes[which].colour not in {s.colour for s in scene.shapes} | {scene.background} \
+            or attribute == "kind"
+    assert min(counts.values()) > 20, counts
+    with pytest.raises(D.DataError, match="'attribute_negatives' must be true or false, got 'yes'"):
+        D.make_source({**spec, "attribute_negatives": "yes"})
+
+
 def test_same_seed_same_batches_other_seed_other_order(folder):
     source = D.FolderSource(folder)
     def run(seed, prefetch):

@@ -184,3 +184,22 @@ def test_swapped_exchanges_one_attribute_of_two_shapes_and_nothing_else(attribut
     assert S.swapped(alike, attribute) is None
     with pytest.raises(ValueError, match="attribute must be 'colour' or 'kind'"):
         S.swapped(pair, "size")
+
+
+def test_changed_names_each_other_allowed_value_of_one_shape():
+    red_circle = S.Shape("red", "circle", (0.3, 0.5), 0.3)
+    blue_square = S.Shape("blue", "square", (0.7, 0.5), 0.3)
+    scene = S.Scene("white", (red_circle, blue_square), "left of")
+    recoloured = S.changed(scene, 0, "colour")
+    # Not red (its own), not blue (the other shape's), not white (the background).
+    assert [s.shapes[0].colour for s in recoloured] == ["green", "yellow", "purple"]
+    assert all(s.shapes[1] == blue_square and (s.background, s.relation) == ("white", "left of") for s in recoloured)
+    assert all(dataclasses.replace(s.shapes[0], colour="red") == red_circle for s in recoloured)
+    assert [s.shapes[1].kind for s in S.changed(scene, 1, "kind")] == ["circle", "triangle"]
+    # Held-out pairs are left out when only training pairs are allowed: no blue circle.
+    assert [s.shapes[0].kind for s in S.changed(S.Scene("gray", (blue_square,)), 0, "kind",
+                                                S.TRAIN_COMBINATIONS)] == ["triangle"]
+    with pytest.raises(ValueError, match="attribute must be 'colour' or 'kind'"):
+        S.changed(scene, 0, "size")
+    with pytest.raises(ValueError, match="shape 2 of a scene with 2"):
+        S.changed(scene, 2, "colour")
