@@ -92,10 +92,10 @@ class ModelConfig:
     text_layout_heads: int = 4
     # What each place of the layout takes from the words it attends to. "features": the text
     # transformer's outputs, which also say what the rest of the caption is. "words": the words'
-    # own embeddings (normalised), while where to look still comes from the outputs; a place then
-    # receives a mix of word vectors each seen in training, so a colour never paired with a shape
-    # in training still arrives as the same colour (the held-out pairs of demo/REPRODUCE.md).
-    # Same parameters either way.
+    # own embeddings (normalised), while where to look still comes from the outputs, so a place
+    # receives a mix of word vectors each seen in training even for a colour-shape pair never
+    # shown. Same parameters either way. Meant for held-out pairs; on the demo base it did not
+    # help them (demo/REPRODUCE.md).
     text_layout_values: str = "features"
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None

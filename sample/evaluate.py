@@ -139,6 +139,17 @@ def summarise(judgements: list[dict]) -> dict:
     return {m: proportion([j[m] for j in judgements if j[m] is not None]) for m in METRICS}
 
 
+def heldout_by_objects(prompts: list[Prompt], judgements: list[dict]) -> dict:
+    """The held-out check split by how many shapes the caption names ("one", "two"): a pair never
+    shown in training fails mostly beside another shape (demo/REPRODUCE.md). `judgements[i]`
+    judges an image of `prompts[i]`."""
+    split = {"one": [], "two": []}
+    for prompt, j in zip(prompts, judgements, strict=True):
+        if j["heldout"] is not None:
+            split["one" if len(prompt.scene.shapes) == 1 else "two"].append(j["heldout"])
+    return {n: proportion(flags) for n, flags in split.items()}
+
+
 # -- models ----------------------------------------------------------------------------------------
 
 
@@ -266,6 +277,12 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, entry in results["conditions"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(entry["metrics"].get(m)) for m in METRICS) + " |")
+    split = [(name, entry["heldout_by_objects"]) for name, entry in results["conditions"].items()
+             if "heldout_by_objects" in entry]
+    if split:
+        lines += ["", "Held-out combos by the number of shapes in the caption, one / two (images right of n): "
+                  + "; ".join(f"{name} {h['one']['k']}/{h['one']['n']}, {h['two']['k']}/{h['two']['n']}"
+                              for name, h in split) + "."]
     ip = results.get("inpaint")
     if ip:
         lines += ["", f"Inpainting ({ip['n']} scenes × {results['seeds']} seeds, "
@@ -363,8 +380,10 @@ def evaluate(args, log=print) -> dict:
     def run(name, **kw):
         start = time.perf_counter()
         images = sample_condition(models, captions, seeds, respacing=args.respacing, sampler=args.sampler, **kw)
-        judgements = [judge(prompts[i // len(seeds)], img) for i, img in enumerate(images)]
-        entry = {"metrics": summarise(judgements), "seconds": time.perf_counter() - start, **kw}
+        judged = [prompts[i // len(seeds)] for i in range(len(images))]
+        judgements = [judge(prompt, img) for prompt, img in zip(judged, images)]
+        entry = {"metrics": summarise(judgements), "heldout_by_objects": heldout_by_objects(judged, judgements),
+                 "seconds": time.perf_counter() - start, **kw}
         results["conditions"][name] = entry
         log(f"{name}: " + ", ".join(f"{m} {_pct(entry['metrics'][m])}" for m in METRICS)
             + f" ({entry['seconds']:.0f} s)")

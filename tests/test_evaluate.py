@@ -77,6 +77,25 @@ def test_summarise_counts_only_applicable_checks():
     assert (s["heldout"]["k"], s["heldout"]["n"]) == (1, 1)
 
 
+def test_heldout_split_by_the_number_of_shapes_and_reported():
+    prompts = evaluate.make_prompts(24)
+    images = [p.scene.render(32) for p in prompts]
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    # Every two-shape image blanked: their held-out checks fail, the one-shape ones pass.
+    images = [blank if len(p.scene.shapes) == 2 else img for p, img in zip(prompts, images)]
+    judgements = [evaluate.judge(p, img) for p, img in zip(prompts, images)]
+    split = evaluate.heldout_by_objects(prompts, judgements)
+    ones = sum(p.heldout and len(p.scene.shapes) == 1 for p in prompts)
+    assert (split["one"]["k"], split["one"]["n"]) == (ones, ones) and ones > 0
+    assert split["two"]["k"] == 0 and split["two"]["n"] == 6 - ones > 0
+    results = {"prompts": 24, "seeds": 1, "respacing": "50", "sampler": "ddpm",
+               "ground_truth": evaluate.summarise(judgements),
+               "conditions": {"CFG 3": {"metrics": evaluate.summarise(judgements), "heldout_by_objects": split}}}
+    assert f"CFG 3 {ones}/{ones}, 0/{6 - ones}." in evaluate.markdown(results)
+    with pytest.raises(ValueError):
+        evaluate.heldout_by_objects(prompts[:3], judgements)
+
+
 def test_inpaint_cases_mask_out_the_replaced_object():
     prompts, images, masks = evaluate.inpaint_cases(6)
     assert images.shape == (6, 32, 32, 3) and masks.shape == (6, 32, 32, 1)
