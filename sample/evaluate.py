@@ -332,6 +332,9 @@ def _parse_args(argv):
                    help="original timestep the upsampler starts from (999: pure noise); default: the CLI's demo default")
     p.add_argument("--grid", default="demo/guidance_grid.png", help="guidance grid image ('' skips)")
     p.add_argument("--grid-prompts", type=int, default=8)
+    p.add_argument("--demo-dir", default=None,
+                   help="a folder laid out as demo/ (base, base_inpaint, clip, upsample) to evaluate instead "
+                        "of the bundled models, e.g. a candidate before it is bundled (default: demo/)")
     p.add_argument("--out", default="out/eval", help="directory for results.json and results.md")
     return p.parse_args(argv)
 
@@ -374,7 +377,7 @@ def evaluate(args, log=print) -> dict:
     if results["ground_truth"]["all"]["k"] != len(prompts):
         raise SystemExit("error: the analyser misreads ground-truth renders; model scores would be meaningless")
 
-    models = DemoModels(ModelSource("demo"))
+    models = DemoModels(ModelSource("demo", demo_dir=args.demo_dir or generate.DEMO_DIR))
     grid_rows = {}
 
     def run(name, **kw):
@@ -470,8 +473,16 @@ def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str,
 
 
 def main(argv=None) -> int:
+    from sample import generate
+
     args = _parse_args(argv)
-    evaluate(args)
+    try:
+        evaluate(args)
+    except Exception as err:
+        if isinstance(err, (generate.InputError, *generate._bad_input_errors())):
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return generate.EXIT_BAD_INPUT
+        raise
     return 0
 
 

@@ -115,3 +115,12 @@ def test_inpaint_cases_mask_out_the_replaced_object():
         assert np.all(only_a[~keep] == bg) and np.all(only_b[keep] == bg)
         # The ground truth of the prompt passes, so the check can be met.
         assert evaluate.judge(prompt, target.render(32))["all"]
+
+
+def test_a_missing_demo_dir_is_a_clear_error(tmp_path, capsys):
+    args = ["--prompts", "1", "--scales", "3", "--clip-scale", "0", "--inpaint", "0", "--upsample", "0",
+            "--grid", "", "--out", str(tmp_path / "out"), "--demo-dir", str(tmp_path / "candidate")]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the bundled demo model 'base' is missing: expected {tmp_path / 'candidate' / 'base' / 'config.json'}" in err
+    assert not (tmp_path / "out").exists()
