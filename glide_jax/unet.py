@@ -193,7 +193,8 @@ class UNet(nn.Module):
             emb = emb + xf_proj.astype(emb.dtype)
         layout = None
         if cfg.text_layout_size and xf_out is not None:
-            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype, name="text_layout")(xf_out, emb, xf_words)
+            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype,
+                                name="text_layout")(xf_out, emb, xf_words)
 
         def res_block(out_ch, name, resample=None):
             block = ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,

@@ -122,5 +122,6 @@ def test_a_missing_demo_dir_is_a_clear_error(tmp_path, capsys):
             "--grid", "", "--out", str(tmp_path / "out"), "--demo-dir", str(tmp_path / "candidate")]
     assert evaluate.main(args) == 2
     err = capsys.readouterr().err
-    assert f"the bundled demo model 'base' is missing: expected {tmp_path / 'candidate' / 'base' / 'config.json'}" in err
+    expected = tmp_path / "candidate" / "base" / "config.json"
+    assert f"the bundled demo model 'base' is missing: expected {expected}" in err
     assert not (tmp_path / "out").exists()
