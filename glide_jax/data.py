@@ -301,24 +301,30 @@ class TarSource(Source):
         return _fingerprint("tar", (f"{r.shard}/{r.key}" for r in self.records))
 
 
+# ShapesSource's `attribute_negatives` settings besides False (off).
+ATTRIBUTE_NEGATIVES = ("changed", "copied")
+
+
 class ShapesSource(Source):
     """The procedural captioned-shapes dataset (`glide_jax.shapes`), rendered directly at the
     loader's image size. It is endless; an "epoch" is `epoch_size` fresh scenes (epoch e
     holds scenes e*epoch_size ... (e+1)*epoch_size - 1 of the `(seed, split)` stream), which
     gives it the same position bookkeeping as the file sources. The caption phrasing is chosen
-    per record from the loader's seeded per-record generator. With `attribute_negatives`, its
-    negative captions (`negative_caption`) also name one wrong colour or shape."""
+    per record from the loader's seeded per-record generator. With `attribute_negatives`
+    ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
+    or shape."""
 
     shuffle = False   # scenes are independent draws already
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
-                 attribute_negatives: bool = False):
+                 attribute_negatives: bool | str = False):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
             raise DataError(f"shapes source: 'epoch_size' must be positive, got {epoch_size}")
-        if not isinstance(attribute_negatives, bool):
-            raise DataError(f"shapes source: 'attribute_negatives' must be true or false, got {attribute_negatives!r}")
+        if not (attribute_negatives is False or attribute_negatives in ATTRIBUTE_NEGATIVES):
+            raise DataError(f"shapes source: 'attribute_negatives' must be false or one of "
+                            f"{list(ATTRIBUTE_NEGATIVES)}, got {attribute_negatives!r}")
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
         self.attribute_negatives = attribute_negatives
 
@@ -340,12 +346,18 @@ class ShapesSource(Source):
         # binding reversed; which of the two alternates from record to record. Nothing names a
         # held-out colour-shape pair, which training never shows.
         # With attribute_negatives, every third two-shape record instead has one shape's colour
-        # changed, and a one-shape record its colour (odd records) or kind (even ones): the swaps
-        # teach which object each word belongs to, these that every word must be followed.
+        # changed ("copied": to the other shape's where that names a training pair, else, as with
+        # "changed", to one neither shape has), and a one-shape record its colour (odd records) or
+        # kind (even ones): the swaps teach which object each word belongs to, these that every
+        # word must be followed, and the copies that one object's colour must not spill onto the other.
         scene = self.scene(index, epoch)
         allowed = shapes_lib.TRAIN_COMBINATIONS if self.split == "train" else shapes_lib.ALL_COMBINATIONS
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
-            options, pick = shapes_lib.changed(scene, (index // 3) % 2, "colour", allowed), index // 6
+            which = (index // 3) % 2
+            copy = shapes_lib.copied(scene, which) if self.attribute_negatives == "copied" else None
+            if copy is not None and set(copy.spec.objects) <= set(allowed):
+                return copy.caption(rng)
+            options, pick = shapes_lib.changed(scene, which, "colour", allowed), index // 6
         elif self.attribute_negatives and len(scene.shapes) == 1:
             if index % 2:
                 options, pick = shapes_lib.changed(scene, 0, "colour", allowed), index // 6
@@ -376,7 +388,7 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
-      "attribute_negatives": false}` (all optional but `kind`)
+      "attribute_negatives": false | "changed" | "copied"}` (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")

@@ -185,6 +185,22 @@ def changed(scene: Scene, which: int, attribute: str,
     return out
 
 
+def copied(scene: Scene, which: int) -> Scene | None:
+    """The two-shape scene with shape `which` in the other shape's colour, or None when that changes
+    nothing (one shape, or two of one colour). Its caption names the mistake a model makes when one
+    object's colour spills onto the other."""
+    if len(scene.shapes) != 2:
+        return None
+    if which not in (0, 1):
+        raise ValueError(f"shape {which} of a scene with 2")
+    shape, other = scene.shapes[which], scene.shapes[1 - which]
+    if shape.colour == other.colour:
+        return None
+    shapes = list(scene.shapes)
+    shapes[which] = dataclasses.replace(shape, colour=other.colour)
+    return dataclasses.replace(scene, shapes=tuple(shapes))
+
+
 # -- captions ----------------------------------------------------------------------------------
 
 _SINGLE_TEMPLATES = (

@@ -208,8 +208,8 @@ def test_shapes_negative_captions_swap_colours_or_kinds_in_the_same_words(folder
 def test_shapes_attribute_negatives_also_name_one_wrong_colour_or_shape():
     spec = {"kind": "shapes", "seed": 4, "epoch_size": 300}
     swaps = next(D.DataLoader(D.make_source(spec), batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True))
-    batch = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": True}), batch_size=300, image_size=8,
-                              seed=0, prefetch=0, negatives=True))
+    batch = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": "changed"}), batch_size=300,
+                              image_size=8, seed=0, prefetch=0, negatives=True))
     assert batch["captions"] == swaps["captions"]
     counts = {"swap": 0, "colour": 0, "kind": 0}
     for index, (caption, negative) in enumerate(zip(batch["captions"], batch["negative_captions"])):
@@ -233,8 +233,23 @@ def test_shapes_attribute_negatives_also_name_one_wrong_colour_or_shape():
         assert other.shapes[which].colour not in {s.colour for s in scene.shapes} | {scene.background} \
             or attribute == "kind"
     assert min(counts.values()) > 20, counts
-    with pytest.raises(D.DataError, match="'attribute_negatives' must be true or false, got 'yes'"):
-        D.make_source({**spec, "attribute_negatives": "yes"})
+
+    # "copied": where the other shape's colour makes a training pair, the changed shape takes it.
+    copies = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": "copied"}), batch_size=300,
+                               image_size=8, seed=0, prefetch=0, negatives=True))
+    n_copied = 0
+    for index, (negative, changed) in enumerate(zip(copies["negative_captions"], batch["negative_captions"])):
+        scene = S.scene_at(4, index)
+        copy = S.copied(scene, (index // 3) % 2) if len(scene.shapes) == 2 and index % 3 == 2 else None
+        if copy is not None and set(copy.spec.objects) <= set(S.TRAIN_COMBINATIONS):
+            assert negative in copy.captions()
+            n_copied += 1
+        else:
+            assert negative == changed
+    assert n_copied > 10
+    for bad in (True, "yes"):
+        with pytest.raises(D.DataError, match=f"'attribute_negatives' must be false or one of \\['changed', 'copied'\\], got {bad!r}"):
+            D.make_source({**spec, "attribute_negatives": bad})
 
 
 def test_same_seed_same_batches_other_seed_other_order(folder):

@@ -203,3 +203,16 @@ def test_changed_names_each_other_allowed_value_of_one_shape():
         S.changed(scene, 0, "size")
     with pytest.raises(ValueError, match="shape 2 of a scene with 2"):
         S.changed(scene, 2, "colour")
+
+
+def test_copied_gives_one_shape_the_other_shapes_colour():
+    red_circle = S.Shape("red", "circle", (0.3, 0.5), 0.3)
+    blue_square = S.Shape("blue", "square", (0.7, 0.5), 0.3)
+    scene = S.Scene("white", (red_circle, blue_square), "left of")
+    assert S.copied(scene, 0).shapes == (dataclasses.replace(red_circle, colour="blue"), blue_square)
+    assert S.copied(scene, 1).shapes == (red_circle, dataclasses.replace(blue_square, colour="red"))
+    assert (S.copied(scene, 1).background, S.copied(scene, 1).relation) == ("white", "left of")
+    assert S.copied(S.Scene("white", (red_circle,)), 0) is None
+    assert S.copied(S.Scene("white", (red_circle, dataclasses.replace(blue_square, colour="red")), "left of"), 0) is None
+    with pytest.raises(ValueError, match="shape 2 of a scene with 2"):
+        S.copied(scene, 2)
