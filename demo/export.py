@@ -33,14 +33,17 @@ if str(ROOT) not in sys.path:
 INPUT_CONV = ("unet", "input_blocks_0_0", "kernel")
 
 
-def newest_run_state(run: Path) -> tuple[int, dict, dict]:
-    """(step, run config, EMA params as float32 numpy) of the newest checkpoint in `run`."""
+def newest_run_state(run: Path, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, run config, EMA params as float32 numpy) of the newest checkpoint in `run`, or of the
+    one at `step`."""
     import orbax.checkpoint as ocp
 
     steps = sorted(int(p.name) for p in run.iterdir() if p.name.isdigit() and (p / "state").is_dir())
     if not steps:
         raise SystemExit(f"error: no checkpoint (<step>/state) in {run}")
-    step = steps[-1]
+    if step is not None and step not in steps:
+        raise SystemExit(f"error: no checkpoint at step {step} in {run}; it has {', '.join(map(str, steps))}")
+    step = steps[-1] if step is None else step
     raw = json.loads((run / str(step) / "run" / "metadata").read_text()) if (
         run / str(step) / "run" / "metadata").is_file() else None
     if raw is None:
@@ -68,7 +71,7 @@ def export_model(args) -> None:
 
     from glide_jax import checkpoint
 
-    step, raw, params = newest_run_state(Path(args.run).absolute())
+    step, raw, params = newest_run_state(Path(args.run).absolute(), args.step)
     config = model_config(raw)
     half = jax.tree.map(lambda a: a.astype(np.float16) if np.issubdtype(a.dtype, np.floating) else a, params)
     out = Path(args.out)
@@ -84,11 +87,11 @@ def export_model(args) -> None:
 
 
 def export_init(args) -> None:
-    """The run's newest EMA params, float32, with its model config: a run to start another from
+    """The run's newest (or `--step`) EMA params, float32, with its model config: a run to start another from
     (`init_from`) without the rounding of the float16 export."""
     from glide_jax import checkpoint
 
-    step, raw, params = newest_run_state(Path(args.run).absolute())
+    step, raw, params = newest_run_state(Path(args.run).absolute(), args.step)
     checkpoint.save_model(Path(args.out), params, model_config(raw), overwrite=True)
     print(f"wrote {args.out}: step {step} (float32 EMA params)")
 
@@ -110,7 +113,7 @@ def widen_for_inpainting(params: dict) -> dict:
 def inpaint_init(args) -> None:
     from glide_jax import checkpoint
 
-    step, raw, params = newest_run_state(Path(args.run).absolute())
+    step, raw, params = newest_run_state(Path(args.run).absolute(), args.step)
     config = model_config(raw)
     params = widen_for_inpainting(params)
     config["inpaint"] = True
@@ -244,6 +247,8 @@ def main(argv=None) -> int:
     e = sub.add_parser("init")
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)
+    for command in (m, e):
+        command.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     i = sub.add_parser("inpaint-init")
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)

@@ -230,6 +230,11 @@ def test_a_run_exports_as_float16_for_bundling_and_float32_to_start_from(tmp_pat
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a.astype(np.float32), b, rtol=1e-3, atol=1e-4), model, expected)
     assert (tmp_path / "model" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     assert json.loads((tmp_path / "model" / "TRAINED.json").read_text())["step"] == 10
+    # An earlier checkpoint on request; a missing one is named with those there are.
+    assert export.main(["init", "--run", str(run), "--out", str(tmp_path / "init5"), "--step", "5"]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b * 5)), checkpoint.load_model(tmp_path / "init5")[1], ema)
+    with pytest.raises(SystemExit, match="no checkpoint at step 7 in .*; it has 5, 10"):
+        export.main(["model", "--run", str(run), "--out", str(tmp_path / "m7"), "--step", "7"])
 
 
 def test_added_text_layout_changes_nothing_until_trained(tmp_path):
