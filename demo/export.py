@@ -87,8 +87,8 @@ def export_model(args) -> None:
 
 
 def export_init(args) -> None:
-    """The run's newest (or `--step`) EMA params, float32, with its model config: a run to start another from
-    (`init_from`) without the rounding of the float16 export."""
+    """The run's newest (or `--step`) EMA params, float32, with its model config: a run to start
+    another from (`init_from`) without the rounding of the float16 export."""
     from glide_jax import checkpoint
 
     step, raw, params = newest_run_state(Path(args.run).absolute(), args.step)
@@ -247,11 +247,11 @@ def main(argv=None) -> int:
     e = sub.add_parser("init")
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)
-    for command in (m, e):
-        command.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     i = sub.add_parser("inpaint-init")
     i.add_argument("--run", required=True)
     i.add_argument("--out", required=True)
+    for command in (m, e, i):
+        command.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     g = sub.add_parser("grow")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a train.train run (its newest checkpoint's EMA params)")

@@ -235,6 +235,11 @@ def test_a_run_exports_as_float16_for_bundling_and_float32_to_start_from(tmp_pat
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b * 5)), checkpoint.load_model(tmp_path / "init5")[1], ema)
     with pytest.raises(SystemExit, match="no checkpoint at step 7 in .*; it has 5, 10"):
         export.main(["model", "--run", str(run), "--out", str(tmp_path / "m7"), "--step", "7"])
+    assert export.main(["inpaint-init", "--run", str(run), "--out", str(tmp_path / "inpaint5"), "--step", "5"]) == 0
+    widened_config, widened = checkpoint.load_model(tmp_path / "inpaint5")
+    assert widened_config["inpaint"] and widened["unet"]["input_blocks_0_0"]["kernel"].shape[2] == 7
+    np.testing.assert_array_equal(widened["unet"]["input_blocks_0_0"]["kernel"][:, :, :3],
+                                  np.asarray(ema["unet"]["input_blocks_0_0"]["kernel"] * 5))
 
 
 def test_added_text_layout_changes_nothing_until_trained(tmp_path):
