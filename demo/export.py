@@ -10,9 +10,10 @@
 size of float32; `sample.generate` upcasts on load) with the model's config through
 `glide_jax.checkpoint.save_model`, and copies the model's tokenizer next to them, which is how
 the sampling CLI knows which tokenizer goes with the model. `init` writes them as float32, for a
-run to start from. `inpaint-init` writes the base's
-float32 EMA params with the input convolution widened from 3 to 7 channels (the masked image and
-the mask), the new input weights zero, so the inpainting model starts as exactly the base model.
+run to start from. `inpaint-init` writes the base's float32 EMA params with the input convolution
+widened from 3 to 7 channels (the masked image and the mask), the new input weights zero, so the
+inpainting model starts as exactly the base model. These three take `--step N` for checkpoint N
+instead of the newest.
 """
 
 from __future__ import annotations

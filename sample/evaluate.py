@@ -479,10 +479,11 @@ def main(argv=None) -> int:
     try:
         evaluate(args)
     except Exception as err:
-        if isinstance(err, (generate.InputError, *generate._bad_input_errors())):
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return generate.EXIT_BAD_INPUT
-        raise
+        message = generate.bad_input_message(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return generate.EXIT_BAD_INPUT
     return 0
 
 

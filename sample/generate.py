@@ -405,6 +405,16 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, PipelineError, ImageInputError, WeightsError, CheckpointError, FileNotFoundError)
 
 
+def bad_input_message(err: Exception) -> str | None:
+    """The one-line `error:` report for an error that means the user's input is wrong (which a CLI
+    then exits with EXIT_BAD_INPUT), or None for a program error, which should propagate."""
+    if isinstance(err, InputError):
+        return f"error: {err}"
+    if isinstance(err, _bad_input_errors()):
+        return f"error: {' '.join(str(err).split())}"
+    return None
+
+
 def _fast_compile_for_demo(args) -> None:
     """The demo models are small enough that XLA's compile time dominates a run: without LLVM's
     optimisation passes the base stage compiles in ~11 s instead of ~19 s on two CPU cores and
@@ -443,14 +453,12 @@ def main(argv=None) -> int:
         parallel.initialize_distributed()
         with _matmul_precision(args.matmul_precision):
             run(args, log)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except Exception as err:
-        if isinstance(err, _bad_input_errors()):
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+        message = bad_input_message(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
