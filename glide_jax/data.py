@@ -312,12 +312,13 @@ class ShapesSource(Source):
     gives it the same position bookkeeping as the file sources. The caption phrasing is chosen
     per record from the loader's seeded per-record generator. With `attribute_negatives`
     ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
-    or shape."""
+    or shape. `extra_shape_colours` (train split only) also draws shapes in those palette colours
+    (`shapes.training_combinations`)."""
 
     shuffle = False   # scenes are independent draws already
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
-                 attribute_negatives: bool | str = False):
+                 attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = ()):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
@@ -325,8 +326,20 @@ class ShapesSource(Source):
         if not (attribute_negatives is False or attribute_negatives in ATTRIBUTE_NEGATIVES):
             raise DataError(f"shapes source: 'attribute_negatives' must be false or one of "
                             f"{list(ATTRIBUTE_NEGATIVES)}, got {attribute_negatives!r}")
+        if not isinstance(extra_shape_colours, (list, tuple)):
+            raise DataError(f"shapes source: 'extra_shape_colours' must be a list of colour names, "
+                            f"got {extra_shape_colours!r}")
+        if extra_shape_colours and split != "train":
+            raise DataError(f"shapes source: 'extra_shape_colours' apply to the train split only, "
+                            f"got split {split!r}")
+        try:
+            self.allowed = (shapes_lib.training_combinations(extra_shape_colours) if split == "train"
+                            else shapes_lib.ALL_COMBINATIONS)
+        except ValueError as e:
+            raise DataError(f"shapes source: {e}") from None
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
         self.attribute_negatives = attribute_negatives
+        self.extra_shape_colours = tuple(extra_shape_colours)
 
     def __len__(self):
         return self.epoch_size
@@ -335,7 +348,8 @@ class ShapesSource(Source):
         return [(0, self.epoch_size)]
 
     def scene(self, index: int, epoch: int) -> shapes_lib.Scene:
-        return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split)
+        return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
+                                   self.extra_shape_colours)
 
     def load(self, index, epoch, image_size, rng):
         scene = self.scene(index, epoch)
@@ -350,8 +364,7 @@ class ShapesSource(Source):
         # "changed", to one neither shape has), and a one-shape record its colour (odd records) or
         # kind (even ones): the swaps teach which object each word belongs to, these that every
         # word must be followed, and the copies that one object's colour must not spill onto the other.
-        scene = self.scene(index, epoch)
-        allowed = shapes_lib.TRAIN_COMBINATIONS if self.split == "train" else shapes_lib.ALL_COMBINATIONS
+        scene, allowed = self.scene(index, epoch), self.allowed
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
             which = (index // 3) % 2
             copy = shapes_lib.copied(scene, which) if self.attribute_negatives == "copied" else None
@@ -375,11 +388,13 @@ class ShapesSource(Source):
         return [s.box for s in self.scene(index, epoch).shapes]
 
     def fingerprint(self):
-        return f"shapes:{self.seed}:{self.split}:{self.epoch_size}"
+        extra = f":+{','.join(self.extra_shape_colours)}" if self.extra_shape_colours else ""
+        return f"shapes:{self.seed}:{self.split}:{self.epoch_size}{extra}"
 
 
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
-                "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives"}}
+                "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
+                           "extra_shape_colours"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -388,7 +403,8 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
-      "attribute_negatives": false | "changed" | "copied"}` (all optional but `kind`)
+      "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"]}`
+      (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -418,7 +434,8 @@ def make_source(spec: dict[str, Any]) -> Source:
         return TarSource(shards)
     return ShapesSource(seed=spec.get("seed", 0), split=spec.get("split", "train"),
                         epoch_size=spec.get("epoch_size", 100_000),
-                        attribute_negatives=spec.get("attribute_negatives", False))
+                        attribute_negatives=spec.get("attribute_negatives", False),
+                        extra_shape_colours=spec.get("extra_shape_colours", ()))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------

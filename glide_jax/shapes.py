@@ -59,6 +59,22 @@ TRAIN_COMBINATIONS: tuple[tuple[str, str], ...] = tuple(
     (c, k) for c in SHAPE_COLOURS for k in KINDS if (c, k) not in HELD_OUT_COMBINATIONS)
 ALL_COMBINATIONS: tuple[tuple[str, str], ...] = tuple((c, k) for c in SHAPE_COLOURS for k in KINDS)
 
+
+def training_combinations(extra_colours: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
+    """The colour-shape pairs a training stream draws from: TRAIN_COMBINATIONS, plus every kind in
+    each of `extra_colours` (palette colours that are not in SHAPE_COLOURS, e.g. the background
+    colours "black" and "gray"). The extras show each kind in more colours, which weakens the
+    prior that a kind has only its training colours, without adding any prompt to an evaluation
+    (those name SHAPE_COLOURS only) or any held-out pair to training."""
+    extra = tuple(extra_colours)
+    for colour in extra:
+        if colour not in COLOURS or colour in SHAPE_COLOURS:
+            raise ValueError(f"extra shape colour {colour!r}: expected a palette colour that is not "
+                             f"already a shape colour, one of {[c for c in COLOURS if c not in SHAPE_COLOURS]}")
+    if len(set(extra)) != len(extra):
+        raise ValueError(f"extra shape colours repeat a colour: {list(extra)}")
+    return TRAIN_COMBINATIONS + tuple((c, k) for c in extra for k in KINDS)
+
 # Layout constants, in fractions of the image side.
 BORDER = 0.04          # shapes stay this far from the image edge
 SINGLE_SIZE = (0.30, 0.55)
@@ -164,7 +180,7 @@ def swapped(scene: Scene, attribute: str) -> Scene | None:
 def changed(scene: Scene, which: int, attribute: str,
             allowed: tuple[tuple[str, str], ...] = ALL_COMBINATIONS) -> list[Scene]:
     """The scene with shape `which`'s `attribute` ("colour" or "kind") replaced by each other value,
-    in SHAPE_COLOURS or KINDS order, that leaves it an `allowed` colour-shape pair and, for a
+    in the order `allowed` names them, that leaves it an `allowed` colour-shape pair and, for a
     colour, differs from every other shape's colour and from the background. Their captions are
     near misses of the scene's own that name one wrong word (where `swapped` names only right ones)."""
     if attribute not in ("colour", "kind"):
@@ -174,9 +190,11 @@ def changed(scene: Scene, which: int, attribute: str,
     shape = scene.shapes[which]
     if attribute == "colour":
         taken = {s.colour for s in scene.shapes} | {scene.background}
-        values = [c for c in SHAPE_COLOURS if c not in taken and (c, shape.kind) in allowed]
+        values = [c for c in dict.fromkeys(c for c, _ in allowed)
+                  if c not in taken and (c, shape.kind) in allowed]
     else:
-        values = [k for k in KINDS if k != shape.kind and (shape.colour, k) in allowed]
+        values = [k for k in dict.fromkeys(k for _, k in allowed)
+                  if k != shape.kind and (shape.colour, k) in allowed]
     out = []
     for value in values:
         shapes = list(scene.shapes)
@@ -295,13 +313,18 @@ def _check_split(split: str) -> int:
     return _SPLIT_IDS[split]
 
 
-def scene_at(seed: int, index: int, split: str = "train") -> Scene:
-    """The `index`-th scene of the stream `(seed, split)`; a pure function of its arguments."""
+def scene_at(seed: int, index: int, split: str = "train", extra_colours: Sequence[str] = ()) -> Scene:
+    """The `index`-th scene of the stream `(seed, split)`; a pure function of its arguments.
+    `extra_colours` (train split only) adds shapes of those colours (`training_combinations`); it
+    makes a different stream."""
     split_id = _check_split(split)
+    if extra_colours and split != "train":
+        raise ValueError(f"extra shape colours are for the train split only, got split {split!r}")
     rng = np.random.default_rng([int(seed), split_id, int(index)])
     n = 1 + int(rng.integers(2))
     if split == "train":
-        combos = [TRAIN_COMBINATIONS[i] for i in rng.integers(len(TRAIN_COMBINATIONS), size=n)]
+        pool = training_combinations(extra_colours) if extra_colours else TRAIN_COMBINATIONS
+        combos = [pool[i] for i in rng.integers(len(pool), size=n)]
     else:
         combos = [HELD_OUT_COMBINATIONS[int(rng.integers(len(HELD_OUT_COMBINATIONS)))]]
         if n == 2:
@@ -315,11 +338,12 @@ def scene_at(seed: int, index: int, split: str = "train") -> Scene:
     return layout_scene(SceneSpec(background, tuple(combos), relation), rng)
 
 
-def iter_scenes(seed: int, split: str = "train", start: int = 0) -> Iterator[Scene]:
+def iter_scenes(seed: int, split: str = "train", start: int = 0,
+                extra_colours: Sequence[str] = ()) -> Iterator[Scene]:
     """Endless deterministic stream of scenes, beginning at index `start`."""
     _check_split(split)
     for index in itertools.count(start):
-        yield scene_at(seed, index, split)
+        yield scene_at(seed, index, split, extra_colours)
 
 
 def layout_scene(spec: SceneSpec, rng: np.random.Generator) -> Scene:

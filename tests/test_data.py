@@ -252,6 +252,25 @@ def test_shapes_attribute_negatives_also_name_one_wrong_colour_or_shape():
             D.make_source({**spec, "attribute_negatives": bad})
 
 
+def test_shapes_extra_colours_reach_the_images_and_the_negatives():
+    spec = {"kind": "shapes", "seed": 4, "epoch_size": 300, "extra_shape_colours": ["black", "gray"],
+            "attribute_negatives": "changed"}
+    source = D.make_source(spec)
+    batch = next(D.DataLoader(source, batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True))
+    scenes = [S.scene_at(4, i, "train", ("black", "gray")) for i in range(300)]
+    assert all(caption in scene.captions() for caption, scene in zip(batch["captions"], scenes))
+    allowed = set(S.training_combinations(["black", "gray"]))
+    negatives = [S.parse_caption(n) for n in batch["negative_captions"] if n]
+    assert len(negatives) > 200 and all(set(n.objects) <= allowed for n in negatives)
+    assert any(c in ("black", "gray") for n in negatives for c, _ in n.objects)
+    assert source.fingerprint() != D.make_source({k: v for k, v in spec.items() if k != "extra_shape_colours"}).fingerprint()
+    for bad, message in ((["pink"], "extra shape colour 'pink'"), ("black", "must be a list of colour names")):
+        with pytest.raises(D.DataError, match=message):
+            D.make_source({**spec, "extra_shape_colours": bad})
+    with pytest.raises(D.DataError, match="train split only, got split 'heldout'"):
+        D.make_source({**spec, "split": "heldout"})
+
+
 def test_same_seed_same_batches_other_seed_other_order(folder):
     source = D.FolderSource(folder)
     def run(seed, prefetch):

@@ -35,6 +35,28 @@ def test_splits_respect_held_out_combinations():
         S.scene_at(0, 0, "test")
 
 
+def test_extra_shape_colours_add_every_kind_in_them_to_training_only():
+    extra = S.training_combinations(["black", "gray"])
+    assert extra[:len(S.TRAIN_COMBINATIONS)] == S.TRAIN_COMBINATIONS
+    assert set(extra) - set(S.TRAIN_COMBINATIONS) == {(c, k) for c in ("black", "gray") for k in S.KINDS}
+    assert S.training_combinations() == S.TRAIN_COMBINATIONS
+    scenes = [S.scene_at(0, i, "train", ("black", "gray")) for i in range(2000)]
+    pairs = {(s.colour, s.kind) for sc in scenes for s in sc.shapes}
+    assert pairs == set(extra)          # every one drawn, no held-out pair among them
+    assert all(s.colour != sc.background for sc in scenes for s in sc.shapes)
+    # Changing a colour may now pick an extra one (in `allowed` order), never the background.
+    scene = S.Scene("gray", (S.Shape("red", "circle", (0.3, 0.5), 0.3), S.Shape("green", "square", (0.7, 0.5), 0.3)),
+                    "left of")
+    assert [o.shapes[0].colour for o in S.changed(scene, 0, "colour", extra)] == ["yellow", "purple", "white", "black"]   # no blue circle: held out
+    for bad, message in (("red", "not already a shape colour"), ("pink", "'pink'")):
+        with pytest.raises(ValueError, match=message):
+            S.training_combinations([bad])
+    with pytest.raises(ValueError, match="repeat a colour"):
+        S.training_combinations(["gray", "gray"])
+    with pytest.raises(ValueError, match="train split only"):
+        S.scene_at(0, 0, "heldout", ("black",))
+
+
 def test_layout_has_clear_margins_and_valid_colours():
     counts = {1: 0, 2: 0}
     for sc in _scenes(1500) + _scenes(300, split="heldout"):
