@@ -301,6 +301,9 @@ class TarSource(Source):
         return _fingerprint("tar", (f"{r.shard}/{r.key}" for r in self.records))
 
 
+# Seeds the draw of partial captions apart from the scene stream's own generator.
+_PARTIAL_CAPTION_STREAM = 0x9A27
+
 # ShapesSource's `attribute_negatives` settings besides False (off).
 ATTRIBUTE_NEGATIVES = ("changed", "copied")
 
@@ -313,12 +316,15 @@ class ShapesSource(Source):
     per record from the loader's seeded per-record generator. With `attribute_negatives`
     ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
     or shape. `extra_shape_colours` (train split only) also draws shapes in those palette colours
-    (`shapes.training_combinations`)."""
+    (`shapes.training_combinations`). `partial_captions` is the share of records whose caption
+    leaves out one object's colour or kind ("a white shape", "a triangle"), so that a colour word
+    must be followed where its object is, whatever the shape there, and likewise a shape word."""
 
     shuffle = False   # scenes are independent draws already
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
-                 attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = ()):
+                 attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = (),
+                 partial_captions: float = 0.0):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
@@ -337,8 +343,12 @@ class ShapesSource(Source):
                             else shapes_lib.ALL_COMBINATIONS)
         except ValueError as e:
             raise DataError(f"shapes source: {e}") from None
+        if isinstance(partial_captions, bool) or not isinstance(partial_captions, (int, float)) \
+                or not 0 <= partial_captions <= 1:
+            raise DataError(f"shapes source: 'partial_captions' must be a fraction in [0, 1], got {partial_captions!r}")
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
         self.attribute_negatives = attribute_negatives
+        self.partial_captions = float(partial_captions)
         self.extra_shape_colours = tuple(extra_shape_colours)
 
     def __len__(self):
@@ -351,9 +361,23 @@ class ShapesSource(Source):
         return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
                                    self.extra_shape_colours)
 
+    def left_out(self, index: int, epoch: int) -> tuple[int, str] | None:
+        """For a `partial_captions` share of records, which object's colour or kind their caption
+        leaves out (`shapes.captions_for`); drawn from the record's own index, so that the
+        caption and the (then absent) negative agree however the records are split up."""
+        if not self.partial_captions:
+            return None
+        global_index = epoch * self.epoch_size + index
+        rng = np.random.default_rng([self.seed, _PARTIAL_CAPTION_STREAM, global_index])
+        if rng.random() >= self.partial_captions:
+            return None
+        which = int(rng.integers(len(self.scene(index, epoch).shapes)))
+        return which, ("colour", "kind")[int(rng.integers(2))]
+
     def load(self, index, epoch, image_size, rng):
         scene = self.scene(index, epoch)
-        return scene.render(image_size), scene.caption(rng)
+        options = shapes_lib.captions_for(scene.spec, self.left_out(index, epoch))
+        return scene.render(image_size), options[int(rng.integers(len(options)))]
 
     def negative_caption(self, index, epoch, rng):
         # The two shapes' colours, or their kinds, exchanged: the caption's words unchanged, their
@@ -364,6 +388,10 @@ class ShapesSource(Source):
         # "changed", to one neither shape has), and a one-shape record its colour (odd records) or
         # kind (even ones): the swaps teach which object each word belongs to, these that every
         # word must be followed, and the copies that one object's colour must not spill onto the other.
+        # A partial caption has none: its swaps would have to leave the same word out, and one
+        # that names fewer words may well explain the image worse than a full, wrong one.
+        if self.left_out(index, epoch) is not None:
+            return None
         scene, allowed = self.scene(index, epoch), self.allowed
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
             which = (index // 3) % 2
@@ -389,12 +417,13 @@ class ShapesSource(Source):
 
     def fingerprint(self):
         extra = f":+{','.join(self.extra_shape_colours)}" if self.extra_shape_colours else ""
-        return f"shapes:{self.seed}:{self.split}:{self.epoch_size}{extra}"
+        partial = f":partial{self.partial_captions:g}" if self.partial_captions else ""
+        return f"shapes:{self.seed}:{self.split}:{self.epoch_size}{extra}{partial}"
 
 
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
                 "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
-                           "extra_shape_colours"}}
+                           "extra_shape_colours", "partial_captions"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -403,8 +432,8 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
-      "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"]}`
-      (all optional but `kind`)
+      "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"],
+      "partial_captions": 0.25}` (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -435,7 +464,8 @@ def make_source(spec: dict[str, Any]) -> Source:
     return ShapesSource(seed=spec.get("seed", 0), split=spec.get("split", "train"),
                         epoch_size=spec.get("epoch_size", 100_000),
                         attribute_negatives=spec.get("attribute_negatives", False),
-                        extra_shape_colours=spec.get("extra_shape_colours", ()))
+                        extra_shape_colours=spec.get("extra_shape_colours", ()),
+                        partial_captions=spec.get("partial_captions", 0.0))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------

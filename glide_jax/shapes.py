@@ -239,9 +239,22 @@ _REL_PHRASE = {"left of": "to the left of", "right of": "to the right of",
                "above": "above", "below": "below"}
 
 
-def captions_for(spec: SceneSpec) -> list[str]:
-    """Every phrasing of a scene specification (all name shapes, colours, background, relation)."""
+# What a partial caption calls an object whose kind it leaves out.
+UNNAMED_KIND = "shape"
+
+
+def captions_for(spec: SceneSpec, leave_out: tuple[int, str] | None = None) -> list[str]:
+    """Every phrasing of a scene specification (all name shapes, colours, background, relation).
+    `leave_out=(i, "colour" | "kind")` phrases object i without that word ("a triangle", "a white
+    shape"): a partial caption, true of the scene but silent on one attribute."""
     names = [f"{c} {k}" for c, k in spec.objects]
+    if leave_out is not None:
+        which, attribute = leave_out
+        if not 0 <= which < len(names) or attribute not in ("colour", "kind"):
+            raise ValueError(f"leave_out must be (object index, 'colour' or 'kind') for "
+                             f"{len(names)} object(s), got {leave_out!r}")
+        colour, kind = spec.objects[which]
+        names[which] = kind if attribute == "colour" else f"{colour} {UNNAMED_KIND}"
     if len(names) == 1:
         return [t.format(a=names[0], bg=spec.background) for t in _SINGLE_TEMPLATES]
     rel, inv = _REL_PHRASE[spec.relation], _REL_PHRASE[INVERSE_RELATION[spec.relation]]

@@ -271,6 +271,29 @@ def test_shapes_extra_colours_reach_the_images_and_the_negatives():
         D.make_source({**spec, "split": "heldout"})
 
 
+def test_shapes_partial_captions_leave_a_word_out_of_a_share_of_records_without_negatives():
+    spec = {"kind": "shapes", "seed": 4, "epoch_size": 200, "attribute_negatives": "copied"}
+    full = next(D.DataLoader(D.make_source(spec), batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    source = D.make_source({**spec, "partial_captions": 0.25})
+    partial = next(D.DataLoader(source, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    assert np.array_equal(partial["images"], full["images"])
+    counts = {"colour": 0, "kind": 0}
+    for i, (caption, negative) in enumerate(zip(partial["captions"], partial["negative_captions"])):
+        left_out = source.left_out(i % 200, i // 200)
+        if left_out is None:
+            assert (caption, negative) == (full["captions"][i], full["negative_captions"][i])
+            continue
+        counts[left_out[1]] += 1
+        scene = S.scene_at(4, i)
+        assert caption in S.captions_for(scene.spec, left_out) and negative == ""
+        assert source.left_out(i % 200, i // 200) == left_out     # a function of the record alone
+    assert 70 <= sum(counts.values()) <= 130 and min(counts.values()) > 20, counts
+    assert not any(D.make_source({**spec, "partial_captions": 0}).left_out(i, 0) for i in range(50))
+    for bad in (-0.1, 1.5, True, "0.2"):
+        with pytest.raises(D.DataError, match="'partial_captions' must be a fraction in \\[0, 1\\]"):
+            D.make_source({**spec, "partial_captions": bad})
+
+
 def test_same_seed_same_batches_other_seed_other_order(folder):
     source = D.FolderSource(folder)
     def run(seed, prefetch):

@@ -113,6 +113,27 @@ def test_every_caption_parses_back_to_its_scene():
         S.SceneSpec("black", (("blue", "circle"), ("gray", "square")), "left of")
 
 
+def test_partial_captions_leave_out_one_word_of_one_object():
+    spec = S.SceneSpec("black", (("blue", "circle"), ("white", "triangle")), "below")
+    full = S.captions_for(spec)
+    for which, attribute in itertools.product((0, 1), ("colour", "kind")):
+        partial = S.captions_for(spec, (which, attribute))
+        colour, kind = spec.objects[which]
+        for own, text in zip(full, partial):
+            if attribute == "colour":    # the colour word gone, nothing else changed
+                assert own.replace(f"{colour} {kind}", kind, 1) == text, (own, text)
+            else:                        # the kind word replaced by the unnamed kind
+                assert own.replace(f"{colour} {kind}", f"{colour} {S.UNNAMED_KIND}", 1) == text, (own, text)
+            try:                         # no longer a full caption of the scene
+                assert S.parse_caption(text).objects != spec.objects, text
+            except S.CaptionParseError:
+                pass
+    assert S.captions_for(S.SceneSpec("gray", (("red", "square"),)), (0, "colour"))[0] == "a square on a gray background"
+    for bad in ((2, "colour"), (0, "size")):
+        with pytest.raises(ValueError, match="leave_out must be"):
+            S.captions_for(spec, bad)
+
+
 def test_scene_from_caption_renders_what_the_caption_says():
     rng = np.random.default_rng(2)
     for text in ("a yellow triangle below a purple circle on a black background",
