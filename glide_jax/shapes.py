@@ -239,7 +239,8 @@ _REL_PHRASE = {"left of": "to the left of", "right of": "to the right of",
                "above": "above", "below": "below"}
 
 
-# What a partial caption calls an object whose kind it leaves out.
+# What a partial caption calls an object whose kind it leaves out. No full caption uses the word,
+# so a tokenizer trained on them (the demo's) reads it as its unknown token: a placeholder all the same.
 UNNAMED_KIND = "shape"
 
 
