@@ -63,9 +63,10 @@ ALL_COMBINATIONS: tuple[tuple[str, str], ...] = tuple((c, k) for c in SHAPE_COLO
 def training_combinations(extra_colours: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
     """The colour-shape pairs a training stream draws from: TRAIN_COMBINATIONS, plus every kind in
     each of `extra_colours` (palette colours that are not in SHAPE_COLOURS, e.g. the background
-    colours "black" and "gray"). The extras show each kind in more colours, which weakens the
-    prior that a kind has only its training colours, without adding any prompt to an evaluation
-    (those name SHAPE_COLOURS only) or any held-out pair to training."""
+    colours "black" and "gray"). The extras show each kind in more colours, meant to weaken the
+    prior that a kind has only its training colours (on the demo base it did not help held-out
+    pairs: demo/REPRODUCE.md), without adding any prompt to an evaluation (those name
+    SHAPE_COLOURS only) or any held-out pair to training."""
     extra = tuple(extra_colours)
     for colour in extra:
         if colour not in COLOURS or colour in SHAPE_COLOURS:
