@@ -271,7 +271,8 @@ def _pct(entry) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Demo models, {results['prompts']} prompts × {results['seeds']} seeds, "
+    only = " held-out" if results.get("heldout_only") else ""
+    lines = [f"Demo models, {results['prompts']}{only} prompts × {results['seeds']} seeds, "
              f"{results['respacing']} {results['sampler'].upper()} steps. Accuracy in %, [95% Wilson interval], n images.", "",
              "| condition | colour | shape | background | relation (2 objects) | held-out combos | all |",
              "|---|---|---|---|---|---|---|"]
@@ -318,6 +319,9 @@ def _parse_args(argv):
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (M)")
     p.add_argument("--prompt-seed", type=int, default=1234,
                    help="seed of the prompt set (tune on another one than you report on)")
+    p.add_argument("--heldout-only", action="store_true",
+                   help="keep only the held-out part of the prompt set (its first quarter): a four times "
+                        "larger sample of held-out pairs for the same sampling time")
     p.add_argument("--respacing", default=None, help="base steps (default: the CLI's demo default)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
     p.add_argument("--scales", default=",".join(str(s) for s in CFG_SCALES), help="CFG scales")
@@ -366,8 +370,15 @@ def evaluate(args, log=print) -> dict:
     scales = [float(s) for s in args.scales.split(",") if s]
     seeds = list(range(args.seeds))
     prompts = make_prompts(args.prompts, args.prompt_seed)
+    if args.heldout_only:
+        # The held-out prompts come first, so each keeps its index and with it its starting noise.
+        prompts = [p for p in prompts if p.heldout]
+        if not prompts:
+            raise SystemExit(f"error: --prompts {args.prompts} holds no held-out prompt (about a quarter "
+                             "of the set is held out); ask for more")
     captions = [p.caption for p in prompts]
-    results = {"prompts": args.prompts, "seeds": args.seeds, "prompt_seed": args.prompt_seed,
+    results = {"prompts": len(prompts), "heldout_only": args.heldout_only, "seeds": args.seeds,
+               "prompt_seed": args.prompt_seed,
                "respacing": args.respacing, "sampler": args.sampler, "conditions": {}}
 
     # The analyser must read the domain itself before it can judge a model.

@@ -121,3 +121,17 @@ def test_bundled_base_model_follows_prompts_at_guidance_3():
     # (demo/RESULTS.md) measures ~84%, ~96% and 100%.
     s = _smoke("cfg", 3.0)
     assert s["colour"]["p"] >= 0.5 and s["shape"]["p"] >= 0.6 and s["background"]["p"] >= 0.75, s
+
+
+def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    args = ["--prompts", "8", "--heldout-only", "--respacing", "4", "--scales", "3", "--clip-scale", "0",
+            "--inpaint", "0", "--upsample", "0", "--grid", "", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["prompts"], results["heldout_only"]) == (2, True)
+    metrics = results["conditions"]["CFG 3"]["metrics"]
+    assert metrics["heldout"]["n"] == metrics["all"]["n"] == 2     # every image judged is a held-out one
+    assert "2 held-out prompts × 1 seeds" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--prompts 2 holds no held-out prompt"):
+        evaluate.main(args[:1] + ["2"] + args[2:])
