@@ -125,4 +125,3 @@ def test_a_missing_demo_dir_is_a_clear_error(tmp_path, capsys):
     expected = tmp_path / "candidate" / "base" / "config.json"
     assert f"the bundled demo model 'base' is missing: expected {expected}" in err
     assert not (tmp_path / "out").exists()
-
