@@ -361,22 +361,25 @@ class ShapesSource(Source):
         return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
                                    self.extra_shape_colours)
 
-    def left_out(self, index: int, epoch: int) -> tuple[int, str] | None:
+    def left_out(self, index: int, epoch: int,
+                 scene: shapes_lib.Scene | None = None) -> tuple[int, str] | None:
         """For a `partial_captions` share of records, which object's colour or kind their caption
         leaves out (`shapes.captions_for`); drawn from the record's own index, so that the
-        caption and the (then absent) negative agree however the records are split up."""
+        caption and the (then absent) negative agree however the records are split up. `scene`:
+        the record's scene, where the caller has it already."""
         if not self.partial_captions:
             return None
         global_index = epoch * self.epoch_size + index
         rng = np.random.default_rng([self.seed, _PARTIAL_CAPTION_STREAM, global_index])
         if rng.random() >= self.partial_captions:
             return None
-        which = int(rng.integers(len(self.scene(index, epoch).shapes)))
+        scene = scene or self.scene(index, epoch)
+        which = int(rng.integers(len(scene.shapes)))
         return which, ("colour", "kind")[int(rng.integers(2))]
 
     def load(self, index, epoch, image_size, rng):
         scene = self.scene(index, epoch)
-        options = shapes_lib.captions_for(scene.spec, self.left_out(index, epoch))
+        options = shapes_lib.captions_for(scene.spec, self.left_out(index, epoch, scene))
         return scene.render(image_size), options[int(rng.integers(len(options)))]
 
     def negative_caption(self, index, epoch, rng):
@@ -390,9 +393,9 @@ class ShapesSource(Source):
         # word must be followed, and the copies that one object's colour must not spill onto the other.
         # A partial caption has none: its swaps would have to leave the same word out, and one
         # that names fewer words may well explain the image worse than a full, wrong one.
-        if self.left_out(index, epoch) is not None:
-            return None
         scene, allowed = self.scene(index, epoch), self.allowed
+        if self.left_out(index, epoch, scene) is not None:
+            return None
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
             which = (index // 3) % 2
             copy = shapes_lib.copied(scene, which) if self.attribute_negatives == "copied" else None

@@ -22,6 +22,7 @@ compositional generalisation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from typing import Iterator, Sequence
@@ -67,7 +68,11 @@ def training_combinations(extra_colours: Sequence[str] = ()) -> tuple[tuple[str,
     prior that a kind has only its training colours (on the demo base it did not help held-out
     pairs: demo/REPRODUCE.md), without adding any prompt to an evaluation (those name
     SHAPE_COLOURS only) or any held-out pair to training."""
-    extra = tuple(extra_colours)
+    return _training_combinations(tuple(extra_colours))
+
+
+@functools.lru_cache(maxsize=None)   # scene_at asks for every scene it draws
+def _training_combinations(extra: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     for colour in extra:
         if colour not in COLOURS or colour in SHAPE_COLOURS:
             raise ValueError(f"extra shape colour {colour!r}: expected a palette colour that is not "
@@ -338,7 +343,7 @@ def scene_at(seed: int, index: int, split: str = "train", extra_colours: Sequenc
     rng = np.random.default_rng([int(seed), split_id, int(index)])
     n = 1 + int(rng.integers(2))
     if split == "train":
-        pool = training_combinations(extra_colours) if extra_colours else TRAIN_COMBINATIONS
+        pool = training_combinations(extra_colours)
         combos = [pool[i] for i in rng.integers(len(pool), size=n)]
     else:
         combos = [HELD_OUT_COMBINATIONS[int(rng.integers(len(HELD_OUT_COMBINATIONS)))]]
