@@ -373,7 +373,8 @@ class ShapesSource(Source):
         rng = np.random.default_rng([self.seed, _PARTIAL_CAPTION_STREAM, global_index])
         if rng.random() >= self.partial_captions:
             return None
-        scene = scene or self.scene(index, epoch)
+        if scene is None:
+            scene = self.scene(index, epoch)
         which = int(rng.integers(len(scene.shapes)))
         return which, ("colour", "kind")[int(rng.integers(2))]
 
