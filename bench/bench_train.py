@@ -72,11 +72,14 @@ def measure(size: str, dtype: str, per_device_batch: int, steps: int, devices) -
     state = training.create_train_state(task, optimizer, jax.random.key(0), mesh)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
+    # The full size takes minutes to initialise and compile: say where it is, for a run cut short.
+    print(f"{size} {dtype}: initialised in {init_s:.1f} s", file=sys.stderr, flush=True)
     shardings = training.state_shardings(task, optimizer, mesh)
     step = training.make_train_step(task, optimizer, mesh, shardings, ema_rate=0.9999)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    print(f"{size} {dtype}: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     state, metrics = compiled(state, batch)   # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
