@@ -315,8 +315,8 @@ class ShapesSource(Source):
     gives it the same position bookkeeping as the file sources. The caption phrasing is chosen
     per record from the loader's seeded per-record generator. With `attribute_negatives`
     ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
-    or shape. `extra_shape_colours` (train split only) also draws shapes in those palette colours
-    (`shapes.training_combinations`). `partial_captions` is the share of records whose caption
+    or shape. `extra_shape_colours` and `extra_shape_kinds` (train split only) also draw shapes in
+    those palette colours and of those kinds (`shapes.training_combinations`). `partial_captions` is the share of records whose caption
     leaves out one object's colour or kind ("a white shape", "a triangle"), so that a colour word
     must be followed where its object is, whatever the shape there, and likewise a shape word."""
 
@@ -324,7 +324,7 @@ class ShapesSource(Source):
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
                  attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = (),
-                 partial_captions: float = 0.0):
+                 partial_captions: float = 0.0, extra_shape_kinds: Sequence[str] = ()):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
@@ -332,15 +332,15 @@ class ShapesSource(Source):
         if not (attribute_negatives is False or attribute_negatives in ATTRIBUTE_NEGATIVES):
             raise DataError(f"shapes source: 'attribute_negatives' must be false or one of "
                             f"{list(ATTRIBUTE_NEGATIVES)}, got {attribute_negatives!r}")
-        if not isinstance(extra_shape_colours, (list, tuple)):
-            raise DataError(f"shapes source: 'extra_shape_colours' must be a list of colour names, "
-                            f"got {extra_shape_colours!r}")
-        if extra_shape_colours and split != "train":
-            raise DataError(f"shapes source: 'extra_shape_colours' apply to the train split only, "
-                            f"got split {split!r}")
+        for key, value, what in (("extra_shape_colours", extra_shape_colours, "colour"),
+                                 ("extra_shape_kinds", extra_shape_kinds, "shape kind")):
+            if not isinstance(value, (list, tuple)):
+                raise DataError(f"shapes source: {key!r} must be a list of {what} names, got {value!r}")
+            if value and split != "train":
+                raise DataError(f"shapes source: {key!r} apply to the train split only, got split {split!r}")
         try:
-            self.allowed = (shapes_lib.training_combinations(extra_shape_colours) if split == "train"
-                            else shapes_lib.ALL_COMBINATIONS)
+            self.allowed = (shapes_lib.training_combinations(extra_shape_colours, extra_shape_kinds)
+                            if split == "train" else shapes_lib.ALL_COMBINATIONS)
         except ValueError as e:
             raise DataError(f"shapes source: {e}") from None
         if isinstance(partial_captions, bool) or not isinstance(partial_captions, (int, float)) \
@@ -350,6 +350,7 @@ class ShapesSource(Source):
         self.attribute_negatives = attribute_negatives
         self.partial_captions = float(partial_captions)
         self.extra_shape_colours = tuple(extra_shape_colours)
+        self.extra_shape_kinds = tuple(extra_shape_kinds)
 
     def __len__(self):
         return self.epoch_size
@@ -359,7 +360,7 @@ class ShapesSource(Source):
 
     def scene(self, index: int, epoch: int) -> shapes_lib.Scene:
         return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
-                                   self.extra_shape_colours)
+                                   self.extra_shape_colours, self.extra_shape_kinds)
 
     def left_out(self, index: int, epoch: int,
                  scene: shapes_lib.Scene | None = None) -> tuple[int, str] | None:
@@ -421,13 +422,14 @@ class ShapesSource(Source):
 
     def fingerprint(self):
         extra = f":+{','.join(self.extra_shape_colours)}" if self.extra_shape_colours else ""
+        extra += f":kinds+{','.join(self.extra_shape_kinds)}" if self.extra_shape_kinds else ""
         partial = f":partial{self.partial_captions:g}" if self.partial_captions else ""
         return f"shapes:{self.seed}:{self.split}:{self.epoch_size}{extra}{partial}"
 
 
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
                 "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
-                           "extra_shape_colours", "partial_captions"}}
+                           "extra_shape_colours", "extra_shape_kinds", "partial_captions"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -437,7 +439,7 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
       "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"],
-      "partial_captions": 0.25}` (all optional but `kind`)
+      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25}` (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -469,6 +471,7 @@ def make_source(spec: dict[str, Any]) -> Source:
                         epoch_size=spec.get("epoch_size", 100_000),
                         attribute_negatives=spec.get("attribute_negatives", False),
                         extra_shape_colours=spec.get("extra_shape_colours", ()),
+                        extra_shape_kinds=spec.get("extra_shape_kinds", ()),
                         partial_captions=spec.get("partial_captions", 0.0))
 
 

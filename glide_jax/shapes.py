@@ -44,6 +44,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPE_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 BACKGROUND_COLOURS: tuple[str, ...] = ("white", "black", "gray")
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
+# Kinds only a training stream that asks for them draws (`training_combinations`), each in every
+# shape colour: they show colours that go with any kind, without adding a prompt to an evaluation
+# (which names KINDS only) or a held-out pair to training. The analyser does not tell them apart.
+EXTRA_KINDS: tuple[str, ...] = ("diamond", "cross")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -61,25 +65,32 @@ TRAIN_COMBINATIONS: tuple[tuple[str, str], ...] = tuple(
 ALL_COMBINATIONS: tuple[tuple[str, str], ...] = tuple((c, k) for c in SHAPE_COLOURS for k in KINDS)
 
 
-def training_combinations(extra_colours: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
+def training_combinations(extra_colours: Sequence[str] = (),
+                          extra_kinds: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
     """The colour-shape pairs a training stream draws from: TRAIN_COMBINATIONS, plus every kind in
     each of `extra_colours` (palette colours that are not in SHAPE_COLOURS, e.g. the background
-    colours "black" and "gray"). The extras show each kind in more colours, meant to weaken the
-    prior that a kind has only its training colours (on the demo base it did not help held-out
-    pairs: demo/REPRODUCE.md), without adding any prompt to an evaluation (those name
-    SHAPE_COLOURS only) or any held-out pair to training."""
-    return _training_combinations(tuple(extra_colours))
+    colours "black" and "gray"), plus each of `extra_kinds` (from EXTRA_KINDS) in every shape
+    colour, extra ones included. Both are meant to weaken the prior that a kind has only its
+    training colours (demo/REPRODUCE.md says how they did), without adding any prompt to an
+    evaluation (those name SHAPE_COLOURS and KINDS only) or any held-out pair to training."""
+    return _training_combinations(tuple(extra_colours), tuple(extra_kinds))
 
 
 @functools.lru_cache(maxsize=None)   # scene_at asks for every scene it draws
-def _training_combinations(extra: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _training_combinations(extra: tuple[str, ...], extra_kinds: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     for colour in extra:
         if colour not in COLOURS or colour in SHAPE_COLOURS:
             raise ValueError(f"extra shape colour {colour!r}: expected a palette colour that is not "
                              f"already a shape colour, one of {[c for c in COLOURS if c not in SHAPE_COLOURS]}")
     if len(set(extra)) != len(extra):
         raise ValueError(f"extra shape colours repeat a colour: {list(extra)}")
-    return TRAIN_COMBINATIONS + tuple((c, k) for c in extra for k in KINDS)
+    for kind in extra_kinds:
+        if kind not in EXTRA_KINDS:
+            raise ValueError(f"extra shape kind {kind!r}: expected one of {list(EXTRA_KINDS)}")
+    if len(set(extra_kinds)) != len(extra_kinds):
+        raise ValueError(f"extra shape kinds repeat a kind: {list(extra_kinds)}")
+    return (TRAIN_COMBINATIONS + tuple((c, k) for c in extra for k in KINDS)
+            + tuple((c, k) for k in extra_kinds for c in SHAPE_COLOURS + extra))
 
 # Layout constants, in fractions of the image side.
 BORDER = 0.04          # shapes stay this far from the image edge
@@ -105,8 +116,8 @@ class Shape:
     def __post_init__(self):
         if self.colour not in COLOURS:
             raise ValueError(f"unknown colour {self.colour!r}; expected one of {sorted(COLOURS)}")
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown shape kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind not in KINDS + EXTRA_KINDS:
+            raise ValueError(f"unknown shape kind {self.kind!r}; expected one of {KINDS + EXTRA_KINDS}")
 
     @property
     def name(self) -> str:
@@ -272,7 +283,7 @@ def captions_for(spec: SceneSpec, leave_out: tuple[int, str] | None = None) -> l
 _COLOUR_WORDS = {**{c: c for c in COLOURS}, "grey": "gray", "violet": "purple"}
 _KIND_WORDS = {"circle": "circle", "circles": "circle", "disc": "circle", "disk": "circle",
                "square": "square", "squares": "square", "triangle": "triangle",
-               "triangles": "triangle"}
+               "triangles": "triangle", "diamond": "diamond", "cross": "cross"}
 _RELATION_PATTERNS = (
     (re.compile(r"\b(?:to the |on the )?left of\b"), "left of"),
     (re.compile(r"\b(?:to the |on the )?right of\b"), "right of"),
@@ -333,17 +344,18 @@ def _check_split(split: str) -> int:
     return _SPLIT_IDS[split]
 
 
-def scene_at(seed: int, index: int, split: str = "train", extra_colours: Sequence[str] = ()) -> Scene:
+def scene_at(seed: int, index: int, split: str = "train", extra_colours: Sequence[str] = (),
+             extra_kinds: Sequence[str] = ()) -> Scene:
     """The `index`-th scene of the stream `(seed, split)`; a pure function of its arguments.
-    `extra_colours` (train split only) adds shapes of those colours (`training_combinations`); it
-    makes a different stream."""
+    `extra_colours` and `extra_kinds` (train split only) add shapes of those colours and kinds
+    (`training_combinations`); either makes a different stream."""
     split_id = _check_split(split)
-    if extra_colours and split != "train":
-        raise ValueError(f"extra shape colours are for the train split only, got split {split!r}")
+    if (extra_colours or extra_kinds) and split != "train":
+        raise ValueError(f"extra shape colours and kinds are for the train split only, got split {split!r}")
     rng = np.random.default_rng([int(seed), split_id, int(index)])
     n = 1 + int(rng.integers(2))
     if split == "train":
-        pool = training_combinations(extra_colours)
+        pool = training_combinations(extra_colours, extra_kinds)
         combos = [pool[i] for i in rng.integers(len(pool), size=n)]
     else:
         combos = [HELD_OUT_COMBINATIONS[int(rng.integers(len(HELD_OUT_COMBINATIONS)))]]
@@ -359,11 +371,11 @@ def scene_at(seed: int, index: int, split: str = "train", extra_colours: Sequenc
 
 
 def iter_scenes(seed: int, split: str = "train", start: int = 0,
-                extra_colours: Sequence[str] = ()) -> Iterator[Scene]:
+                extra_colours: Sequence[str] = (), extra_kinds: Sequence[str] = ()) -> Iterator[Scene]:
     """Endless deterministic stream of scenes, beginning at index `start`."""
     _check_split(split)
     for index in itertools.count(start):
-        yield scene_at(seed, index, split, extra_colours)
+        yield scene_at(seed, index, split, extra_colours, extra_kinds)
 
 
 def layout_scene(spec: SceneSpec, rng: np.random.Generator) -> Scene:
@@ -412,6 +424,12 @@ def _coverage(shape: Shape, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= h * h
     if shape.kind == "square":
         return (np.abs(xs - cx) <= h) & (np.abs(ys - cy) <= h)
+    if shape.kind == "diamond":
+        return np.abs(xs - cx) + np.abs(ys - cy) <= h
+    if shape.kind == "cross":
+        # Arms a third of the box wide: thick enough to stay a cross at a pair's 7 px on 32 px.
+        dx, dy, arm = np.abs(xs - cx), np.abs(ys - cy), h / 3
+        return ((dx <= arm) & (dy <= h)) | ((dy <= arm) & (dx <= h))
     # Upright triangle in its box: apex at the top centre, base along the bottom edge, so the
     # half-width grows from 0 at the top to h at the bottom.
     top = cy - h

@@ -271,6 +271,21 @@ def test_shapes_extra_colours_reach_the_images_and_the_negatives():
         D.make_source({**spec, "split": "heldout"})
 
 
+def test_shapes_extra_kinds_reach_the_images_and_change_the_fingerprint():
+    spec = {"kind": "shapes", "seed": 4, "epoch_size": 300, "extra_shape_kinds": ["diamond", "cross"]}
+    source = D.make_source(spec)
+    batch = next(D.DataLoader(source, batch_size=300, image_size=8, seed=0, prefetch=0))
+    scenes = [S.scene_at(4, i, "train", (), ("diamond", "cross")) for i in range(300)]
+    assert all(caption in scene.captions() for caption, scene in zip(batch["captions"], scenes))
+    assert {s.kind for sc in scenes for s in sc.shapes} == {"circle", "square", "triangle", "diamond", "cross"}
+    assert source.fingerprint() != D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 300}).fingerprint()
+    for bad, message in ((["star"], "extra shape kind 'star'"), ("cross", "must be a list of shape kind names")):
+        with pytest.raises(D.DataError, match=message):
+            D.make_source({**spec, "extra_shape_kinds": bad})
+    with pytest.raises(D.DataError, match="'extra_shape_kinds' apply to the train split only"):
+        D.make_source({**spec, "split": "heldout"})
+
+
 def test_shapes_partial_captions_leave_a_word_out_of_a_share_of_records_without_negatives():
     spec = {"kind": "shapes", "seed": 4, "epoch_size": 200, "attribute_negatives": "copied"}
     full = next(D.DataLoader(D.make_source(spec), batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))

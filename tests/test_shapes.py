@@ -57,6 +57,30 @@ def test_extra_shape_colours_add_every_kind_in_them_to_training_only():
         S.scene_at(0, 0, "heldout", ("black",))
 
 
+def test_extra_shape_kinds_come_in_every_colour_in_training_only_and_render_as_drawn():
+    pool = S.training_combinations(extra_kinds=["diamond", "cross"])
+    assert pool[:len(S.TRAIN_COMBINATIONS)] == S.TRAIN_COMBINATIONS
+    assert set(pool) - set(S.TRAIN_COMBINATIONS) == {(c, k) for c in S.SHAPE_COLOURS for k in ("diamond", "cross")}
+    both = S.training_combinations(["black"], ["cross"])
+    assert ("black", "cross") in both and ("black", "circle") in both and ("red", "diamond") not in both
+    scenes = [S.scene_at(0, i, "train", (), ("diamond", "cross")) for i in range(2000)]
+    assert {(s.colour, s.kind) for sc in scenes for s in sc.shapes} == set(pool)
+    assert [S.scene_at(0, i) for i in range(50)] == [S.scene_at(0, i, "train", (), ()) for i in range(50)]
+    # The drawn areas are the geometry's: a diamond half its box, a cross of arms a third wide 5/9.
+    for kind, area in (("diamond", 0.5), ("cross", 5 / 9)):
+        image = S.Scene("black", (S.Shape("white", kind, (0.5, 0.5), 0.5),)).render(64)
+        assert abs((image[..., 0] / 255).sum() / (32 * 32) - area) < 0.01
+        assert image[32, 32].tolist() == [255, 255, 255] and image[17, 17].tolist() == [0, 0, 0]   # box corner empty
+    assert S.parse_caption("a red diamond to the left of a blue cross on a gray background").objects == \
+        (("red", "diamond"), ("blue", "cross"))
+    with pytest.raises(ValueError, match="extra shape kind 'circle'"):
+        S.training_combinations(extra_kinds=["circle"])
+    with pytest.raises(ValueError, match="repeat a kind"):
+        S.training_combinations(extra_kinds=["cross", "cross"])
+    with pytest.raises(ValueError, match="train split only"):
+        S.scene_at(0, 0, "heldout", (), ("cross",))
+
+
 def test_layout_has_clear_margins_and_valid_colours():
     counts = {1: 0, 2: 0}
     for sc in _scenes(1500) + _scenes(300, split="heldout"):
