@@ -316,9 +316,10 @@ class ShapesSource(Source):
     per record from the loader's seeded per-record generator. With `attribute_negatives`
     ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
     or shape. `extra_shape_colours` and `extra_shape_kinds` (train split only) also draw shapes in
-    those palette colours and of those kinds (`shapes.training_combinations`). `partial_captions` is the share of records whose caption
-    leaves out one object's colour or kind ("a white shape", "a triangle"), so that a colour word
-    must be followed where its object is, whatever the shape there, and likewise a shape word."""
+    those palette colours and of those kinds (`shapes.training_combinations`). `partial_captions`
+    is the share of records whose caption leaves out one object's colour or kind ("a white shape",
+    "a triangle"), so that a colour word must be followed where its object is, whatever the shape
+    there, and likewise a shape word."""
 
     shuffle = False   # scenes are independent draws already
 
