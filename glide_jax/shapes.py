@@ -46,7 +46,7 @@ BACKGROUND_COLOURS: tuple[str, ...] = ("white", "black", "gray")
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
 # Kinds only a training stream that asks for them draws (`training_combinations`), each in every
 # shape colour: they show colours that go with any kind, without adding a prompt to an evaluation
-# (which names KINDS only) or a held-out pair to training. The analyser does not tell them apart.
+# (which names KINDS only) or a held-out pair to training. The analyser reads KINDS only.
 EXTRA_KINDS: tuple[str, ...] = ("diamond", "cross")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
