@@ -587,6 +587,22 @@ def clip_contrastive_loss(params, config: ClipConfig, key: jax.Array, images: ja
     tower learns to recognise content at every noise level, as guidance will query it. The
     temperature is the config's fixed `logit_scale`, as in the released model.
     """
+    return clip_losses(params, config, key, images, tokens, text_len, diffusion=diffusion, dtype=dtype)["contrastive"]
+
+
+def clip_losses(params, config: ClipConfig, key: jax.Array, images: jax.Array, tokens: jax.Array,
+                text_len: jax.Array, *, negative_tokens=None, negative_len=None, has_negative=None,
+                diffusion=None, dtype: str = "float32") -> dict:
+    """`clip_contrastive_loss` as "contrastive", and with hard-negative captions (`negative_tokens`,
+    `negative_len`, `has_negative`: per image a caption it nearly matches, e.g. its two objects'
+    colours exchanged) also "negative": the cross-entropy of the own caption against that one
+    alone, softplus(s_negative - s_own) at the contrastive temperature, averaged over the images
+    that have one; "negative_won", the share of those whose own caption scored higher, and
+    "negative_compared", the share of images that have one.
+
+    In-batch negatives almost never differ from an image's caption only in which object has which
+    colour, so the contrastive loss alone does not ask the CLIP to bind; this term does.
+    """
     from glide_jax.diffusion import GaussianDiffusion
 
     if diffusion is None:
@@ -608,4 +624,15 @@ def clip_contrastive_loss(params, config: ClipConfig, key: jax.Array, images: ja
     labels = jnp.arange(batch)
     image_to_text = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1).mean()
     text_to_image = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], axis=0).mean()
-    return 0.5 * (image_to_text + text_to_image)
+    out = {"contrastive": 0.5 * (image_to_text + text_to_image)}
+    if negative_tokens is not None:
+        if negative_tokens.shape[0] != batch:
+            raise ValueError(f"{batch} images but {negative_tokens.shape[0]} negative token rows")
+        z_negative = encode_text(params, config, negative_tokens, negative_len, dtype=dtype)
+        gap = config.logit_scale * jnp.sum(z_image * (z_negative - z_text), axis=-1)   # s_negative - s_own
+        counted = jnp.asarray(has_negative, bool)
+        n = jnp.maximum(jnp.sum(counted), 1)
+        out["negative"] = jnp.sum(jnp.where(counted, jax.nn.softplus(gap), 0.0)) / n
+        out["negative_won"] = jnp.sum(counted & (gap < 0)) / n
+        out["negative_compared"] = jnp.sum(counted) / batch
+    return out

@@ -367,14 +367,18 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=size)
 
 
-def clip_task(clip_config, *, compute_dtype: str = "float32") -> TrainTask:
+def clip_task(clip_config, *, compute_dtype: str = "float32", negative_weight: float = 0.0) -> TrainTask:
     """Task for the noised CLIP: both towers, contrastive loss on images noised to uniform
     timesteps (`glide_jax.clip.clip_contrastive_loss`). Negatives are the other examples of the
-    (micro)batch, so gradient accumulation shrinks the set of negatives per loss term."""
+    (micro)batch, so gradient accumulation shrinks the set of negatives per loss term.
+    `negative_weight` > 0 adds that weight times the hard-negative term of `glide_jax.clip.clip_losses`
+    (batches then carry `negative_clip_tokens`, `negative_clip_text_len` and `has_negative`)."""
     from glide_jax import clip as clip_lib
 
     if compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if not negative_weight >= 0.0:
+        raise ConfigError(f"negative_weight must be >= 0 (0 = off), got {negative_weight}")
     size = clip_config.image_size
     ctx = clip_config.max_text_len
 
@@ -382,14 +386,27 @@ def clip_task(clip_config, *, compute_dtype: str = "float32") -> TrainTask:
         return clip_lib._init_clip_params(clip_config, key)
 
     def batch_spec(batch_size):
-        return {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+        spec = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
                 "clip_tokens": jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32),
                 "clip_text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        if negative_weight > 0:
+            spec["negative_clip_tokens"] = jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32)
+            spec["negative_clip_text_len"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+            spec["has_negative"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_)
+        return spec
 
     def loss(params, batch, key, train=True, rows=None):
-        value = clip_lib.clip_contrastive_loss(params, clip_config, key, batch["images"], batch["clip_tokens"],
-                                               batch["clip_text_len"], dtype=compute_dtype)
-        return value, {"loss": value}
+        negatives = {}
+        if negative_weight > 0:
+            negatives = dict(negative_tokens=batch["negative_clip_tokens"],
+                             negative_len=batch["negative_clip_text_len"], has_negative=batch["has_negative"])
+        terms = clip_lib.clip_losses(params, clip_config, key, batch["images"], batch["clip_tokens"],
+                                     batch["clip_text_len"], dtype=compute_dtype, **negatives)
+        value = terms.pop("contrastive")
+        metrics = {"contrastive": value, **terms} if negative_weight > 0 else {}
+        if negative_weight > 0:
+            value = value + negative_weight * terms["negative"]
+        return value, {**metrics, "loss": value}
 
     return TrainTask(kind="clip", init=init, loss=loss, batch_spec=batch_spec, image_size=size)
 

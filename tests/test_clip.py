@@ -177,3 +177,40 @@ def test_noised_clip_trains():
         losses.append(float(loss))
     assert np.isfinite(losses).all(), losses
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_hard_negative_term_compares_each_image_with_its_own_negative_caption_only():
+    config = clip.ClipConfig(image_size=16, patch_size=4, n_vocab=64, max_text_len=8, n_embd=16,
+                             n_head_state_text=8, n_head_text=2, n_xf_blocks_text=1,
+                             n_head_state_image=8, n_head_image=2, n_xf_blocks_image=1)
+    data_key, init_key, loss_key = jax.random.split(jax.random.key(1), 3)
+    images = np.asarray(jax.random.uniform(data_key, (4, 16, 16, 3), minval=-1, maxval=1))
+    tokens = np.asarray(jax.random.randint(data_key, (4, 8), 1, 64), np.int32)
+    text_len = np.array([3, 4, 5, 8], np.int32)
+    params = clip.init_clip_params(config, init_key)
+    plain = clip.clip_contrastive_loss(params, config, loss_key, images, tokens, text_len)
+
+    # A negative identical to the own caption: the two score the same, softplus(0) = log 2, never won.
+    same = clip.clip_losses(params, config, loss_key, images, tokens, text_len, negative_tokens=tokens,
+                            negative_len=text_len, has_negative=np.array([True, True, False, True]))
+    np.testing.assert_allclose(same["contrastive"], plain, rtol=1e-6)
+    np.testing.assert_allclose(same["negative"], np.log(2.0), rtol=1e-5)
+    assert float(same["negative_won"]) == 0.0 and float(same["negative_compared"]) == 0.75
+
+    # Other captions as negatives: the term is the mean over the images that have one.
+    other, other_len = np.roll(tokens, 1, axis=0), np.roll(text_len, 1)
+    each = [clip.clip_losses(params, config, loss_key, images, tokens, text_len, negative_tokens=other,
+                             negative_len=other_len, has_negative=np.arange(4) == i)["negative"] for i in range(4)]
+    mask = np.array([True, False, True, True])
+    got = clip.clip_losses(params, config, loss_key, images, tokens, text_len, negative_tokens=other,
+                           negative_len=other_len, has_negative=mask)
+    np.testing.assert_allclose(got["negative"], np.mean(np.asarray(each)[mask]), rtol=1e-5)
+    grads = jax.grad(lambda p: clip.clip_losses(p, config, loss_key, images, tokens, text_len, negative_tokens=other,
+                                                negative_len=other_len, has_negative=mask)["negative"])(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    # Both towers learn from it: the image's embedding and the two captions'.
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["text_encoder"])) > 0
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["image_encoder"])) > 0
+    with pytest.raises(ValueError, match="4 images but 3 negative token rows"):
+        clip.clip_losses(params, config, loss_key, images, tokens, text_len, negative_tokens=other[:3],
+                         negative_len=other_len[:3], has_negative=mask[:3])

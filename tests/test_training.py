@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -822,3 +823,32 @@ def test_a_run_resumes_only_with_the_frozen_list_it_was_trained_with(env, spm_mo
     assert (f"optimizer.frozen is [], but the checkpoints in {run_dir} were trained with "
             "['text_encoder/resblocks_0']") in proc.stderr
     assert not (run_dir / "15").exists()
+
+
+def test_a_clip_run_with_negative_weight_trains_on_the_negative_captions(workdir, golden):
+    import jax
+
+    from train.run_config import load_run_config
+    from train.train import Trainer
+
+    vocab = workdir / "clip_vocab"
+    vocab.mkdir(exist_ok=True)
+    shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", vocab)
+    clip_model = {"image_size": 16, "patch_size": 4, "max_text_len": 16, "n_embd": 16, "n_head_state_text": 8,
+                  "n_head_text": 2, "n_xf_blocks_text": 1, "n_head_state_image": 8, "n_head_image": 2,
+                  "n_xf_blocks_image": 1, "n_timesteps": 100}
+    config = run_config(None, workdir / "clip_negatives", model=clip_model, model_kind="clip", negative_weight=2.0,
+                        tokenizer={"kind": "clip_bpe", "vocab_dir": str(vocab)}, diffusion={})
+    trainer = Trainer(*load_run_config(write_config(workdir / "clip_negatives.json", config), []))
+    try:
+        loaded = next(trainer.loader)
+        batch = trainer.host_batch(loaded)
+    finally:
+        trainer.close()
+    assert batch["has_negative"].tolist() == [bool(c) for c in loaded["negative_captions"]]
+    expected, expected_len = trainer.tokenizer.batch_padded_and_len(loaded["negative_captions"], 16)
+    np.testing.assert_array_equal(batch["negative_clip_tokens"], expected)
+    np.testing.assert_array_equal(batch["negative_clip_text_len"], expected_len)
+    loss, metrics = trainer.task.loss(trainer.state.params, batch, jax.random.key(0))
+    assert {"contrastive", "negative", "negative_won", "negative_compared"} <= set(metrics)
+    np.testing.assert_allclose(loss, metrics["contrastive"] + 2.0 * metrics["negative"], rtol=1e-6)

@@ -100,8 +100,8 @@ class RunConfig:
     min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps (or v) loss (see training.diffusion_task)
     high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
     high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
-    negative_weight: float = 0.0  # > 0: hard-negative captions (see training.diffusion_task); shapes data only
-    negative_from: float = 0.7    # ... compared at timesteps from this fraction of the chain on
+    negative_weight: float = 0.0  # > 0: hard-negative captions (training.diffusion_task, clip_task); shapes data only
+    negative_from: float = 0.7    # ... compared at timesteps from this fraction of the chain on (not for clip)
     ema_rate: float = 0.9999
     ema_debias: bool = True       # average only this run's params (see training.make_train_step)
     diffusion: DiffusionSection = DiffusionSection()

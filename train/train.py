@@ -238,7 +238,8 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.model_kind == "clip":
-            return training.clip_task(self.model_config, compute_dtype=cfg.precision)
+            return training.clip_task(self.model_config, compute_dtype=cfg.precision,
+                                      negative_weight=cfg.negative_weight)
         mc = self.model_config
         self.schedule = cfg.diffusion.schedule or default_schedule(mc)
         self.diffusion = diffusion_for_model(mc, schedule=self.schedule, steps=cfg.diffusion.steps)
@@ -287,6 +288,11 @@ class Trainer:
         if self.cfg.model_kind == "clip":
             ctx = self.model_config.max_text_len
             out["clip_tokens"], out["clip_text_len"] = self.tokenizer.batch_padded_and_len(batch["captions"], ctx)
+            if "negative_captions" in batch:
+                negatives = batch["negative_captions"]
+                out["negative_clip_tokens"], out["negative_clip_text_len"] = self.tokenizer.batch_padded_and_len(
+                    negatives, ctx)
+                out["has_negative"] = np.array([bool(caption) for caption in negatives])
         elif self.model_config.has_text:
             out["tokens"], out["mask"] = self.tokenizer.tokenize_batch(batch["captions"], self.model_config.text_ctx)
             if "negative_captions" in batch:
