@@ -348,8 +348,8 @@ def _parse_args(argv):
 # its caption unguided already, and at 30 the CLIP, which does not bind, cost it relations (48
 # prompts × 2: relation 88 / 96 / 96% and held-out 62 / 58 / 54% at 30 / 10 / 3; unguided 92, 50).
 # The base bundled after it (item 8) follows its caption better unguided than with this CLIP at 3 or 6
-# or with CLIPs retrained with the extra kinds at 3, 10 or 20 (96 tuning prompts, all checks: 83%
-# unguided, 79% and 75-81%), so 10 stays.
+# or with CLIPs retrained with the extra kinds, with and without hard negatives, at 3, 10 or 20 (96
+# tuning prompts, all checks: 83% unguided, 79% and 75-81%), so 10 stays.
 DEFAULT_CLIP_SCALE = 10.0
 
 
