@@ -402,11 +402,10 @@ def clip_task(clip_config, *, compute_dtype: str = "float32", negative_weight: f
                              negative_len=batch["negative_clip_text_len"], has_negative=batch["has_negative"])
         terms = clip_lib.clip_losses(params, clip_config, key, batch["images"], batch["clip_tokens"],
                                      batch["clip_text_len"], dtype=compute_dtype, **negatives)
-        value = terms.pop("contrastive")
-        metrics = {"contrastive": value, **terms} if negative_weight > 0 else {}
         if negative_weight > 0:
-            value = value + negative_weight * terms["negative"]
-        return value, {**metrics, "loss": value}
+            value = terms["contrastive"] + negative_weight * terms["negative"]
+            return value, {**terms, "loss": value}
+        return terms["contrastive"], {"loss": terms["contrastive"]}
 
     return TrainTask(kind="clip", init=init, loss=loss, batch_spec=batch_spec, image_size=size)
 
