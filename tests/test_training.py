@@ -90,6 +90,19 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def first_batch(config_path: Path):
+    """A Trainer for the config (closed again) and its first batch, as loaded and as the step takes it."""
+    from train.run_config import load_run_config
+    from train.train import Trainer
+
+    trainer = Trainer(*load_run_config(config_path, []))
+    try:
+        loaded = next(trainer.loader)
+        return trainer, loaded, trainer.host_batch(loaded)
+    finally:
+        trainer.close()
+
+
 def train_cmd(config_path, *overrides):
     return [sys.executable, "-m", "train.train", "--config", str(config_path), *overrides]
 
@@ -669,12 +682,7 @@ def test_a_run_with_negative_weight_tokenizes_the_negative_captions(spm_model, w
     from train.train import Trainer
 
     path = write_config(workdir / "negatives.json", run_config(spm_model, workdir / "negatives", negative_weight=1.0))
-    trainer = Trainer(*load_run_config(path, []))
-    try:
-        loaded = next(trainer.loader)
-        batch = trainer.host_batch(loaded)
-    finally:
-        trainer.close()
+    trainer, loaded, batch = first_batch(path)
     assert batch["has_negative"].tolist() == [bool(c) for c in loaded["negative_captions"]]
     expected, _ = trainer.tokenizer.tokenize_batch(loaded["negative_captions"], TINY_MODEL["text_ctx"])
     np.testing.assert_array_equal(batch["negative_tokens"], expected)
@@ -828,9 +836,6 @@ def test_a_run_resumes_only_with_the_frozen_list_it_was_trained_with(env, spm_mo
 def test_a_clip_run_with_negative_weight_trains_on_the_negative_captions(workdir, golden):
     import jax
 
-    from train.run_config import load_run_config
-    from train.train import Trainer
-
     vocab = workdir / "clip_vocab"
     vocab.mkdir(exist_ok=True)
     shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", vocab)
@@ -839,12 +844,7 @@ def test_a_clip_run_with_negative_weight_trains_on_the_negative_captions(workdir
                   "n_xf_blocks_image": 1, "n_timesteps": 100}
     config = run_config(None, workdir / "clip_negatives", model=clip_model, model_kind="clip", negative_weight=2.0,
                         tokenizer={"kind": "clip_bpe", "vocab_dir": str(vocab)}, diffusion={})
-    trainer = Trainer(*load_run_config(write_config(workdir / "clip_negatives.json", config), []))
-    try:
-        loaded = next(trainer.loader)
-        batch = trainer.host_batch(loaded)
-    finally:
-        trainer.close()
+    trainer, loaded, batch = first_batch(write_config(workdir / "clip_negatives.json", config))
     assert batch["has_negative"].tolist() == [bool(c) for c in loaded["negative_captions"]]
     expected, expected_len = trainer.tokenizer.batch_padded_and_len(loaded["negative_captions"], 16)
     np.testing.assert_array_equal(batch["negative_clip_tokens"], expected)
