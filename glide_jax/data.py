@@ -303,6 +303,8 @@ class TarSource(Source):
 
 # Seeds the draw of partial captions apart from the scene stream's own generator.
 _PARTIAL_CAPTION_STREAM = 0x9A27
+# ... and the draw of which records' negatives name another relation.
+_RELATION_NEGATIVE_STREAM = 0x9A28
 
 # ShapesSource's `attribute_negatives` settings besides False (off).
 ATTRIBUTE_NEGATIVES = ("changed", "copied")
@@ -319,13 +321,16 @@ class ShapesSource(Source):
     those palette colours and of those kinds (`shapes.training_combinations`). `partial_captions`
     is the share of records whose caption leaves out one object's colour or kind ("a white shape",
     "a triangle"), so that a colour word must be followed where its object is, whatever the shape
-    there, and likewise a shape word."""
+    there, and likewise a shape word. `relation_negatives` is the share of two-shape records whose
+    negative caption names another relation instead (`shapes.other_relations`: the inverse or, as
+    often, one across the axis), since the swaps and changes all keep the relation right."""
 
     shuffle = False   # scenes are independent draws already
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
                  attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = (),
-                 partial_captions: float = 0.0, extra_shape_kinds: Sequence[str] = ()):
+                 partial_captions: float = 0.0, extra_shape_kinds: Sequence[str] = (),
+                 relation_negatives: float = 0.0):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
@@ -344,12 +349,13 @@ class ShapesSource(Source):
                             if split == "train" else shapes_lib.ALL_COMBINATIONS)
         except ValueError as e:
             raise DataError(f"shapes source: {e}") from None
-        if isinstance(partial_captions, bool) or not isinstance(partial_captions, (int, float)) \
-                or not 0 <= partial_captions <= 1:
-            raise DataError(f"shapes source: 'partial_captions' must be a fraction in [0, 1], got {partial_captions!r}")
+        for key, value in (("partial_captions", partial_captions), ("relation_negatives", relation_negatives)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise DataError(f"shapes source: {key!r} must be a fraction in [0, 1], got {value!r}")
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
         self.attribute_negatives = attribute_negatives
         self.partial_captions = float(partial_captions)
+        self.relation_negatives = float(relation_negatives)
         self.extra_shape_colours = tuple(extra_shape_colours)
         self.extra_shape_kinds = tuple(extra_shape_kinds)
 
@@ -399,6 +405,13 @@ class ShapesSource(Source):
         scene, allowed = self.scene(index, epoch), self.allowed
         if self.left_out(index, epoch, scene) is not None:
             return None
+        if self.relation_negatives and len(scene.shapes) == 2:
+            draw = np.random.default_rng([self.seed, _RELATION_NEGATIVE_STREAM, epoch * self.epoch_size + index])
+            if draw.random() < self.relation_negatives:
+                inverse, *across = shapes_lib.other_relations(scene.spec)
+                spec = inverse if draw.random() < 0.5 else across[int(draw.integers(len(across)))]
+                options = shapes_lib.captions_for(spec)
+                return options[int(rng.integers(len(options)))]
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
             which = (index // 3) % 2
             copy = shapes_lib.copied(scene, which) if self.attribute_negatives == "copied" else None
@@ -430,7 +443,8 @@ class ShapesSource(Source):
 
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
                 "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
-                           "extra_shape_colours", "extra_shape_kinds", "partial_captions"}}
+                           "extra_shape_colours", "extra_shape_kinds", "partial_captions",
+                           "relation_negatives"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -440,7 +454,8 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
       "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"],
-      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25}` (all optional but `kind`)
+      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25, "relation_negatives": 0.5}`
+      (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -473,7 +488,8 @@ def make_source(spec: dict[str, Any]) -> Source:
                         attribute_negatives=spec.get("attribute_negatives", False),
                         extra_shape_colours=spec.get("extra_shape_colours", ()),
                         extra_shape_kinds=spec.get("extra_shape_kinds", ()),
-                        partial_captions=spec.get("partial_captions", 0.0))
+                        partial_captions=spec.get("partial_captions", 0.0),
+                        relation_negatives=spec.get("relation_negatives", 0.0))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------

@@ -236,6 +236,17 @@ def copied(scene: Scene, which: int) -> Scene | None:
     return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
+
+def other_relations(spec: SceneSpec) -> list[SceneSpec]:
+    """The two-object `spec` with each other relation in its place, the inverse first, then the two
+    across its axis. Their captions name the right objects and background in the wrong places:
+    the hard negatives for a relation, as `swapped`'s are for which object has which colour."""
+    if spec.relation is None:
+        raise ValueError("a one-object scene has no relation to change")
+    inverse = INVERSE_RELATION[spec.relation]
+    return [dataclasses.replace(spec, relation=r)
+            for r in (inverse,) + tuple(r for r in RELATIONS if r not in (spec.relation, inverse))]
+
 # -- captions ----------------------------------------------------------------------------------
 
 _SINGLE_TEMPLATES = (

@@ -309,6 +309,34 @@ def test_shapes_partial_captions_leave_a_word_out_of_a_share_of_records_without_
             D.make_source({**spec, "partial_captions": bad})
 
 
+def test_shapes_relation_negatives_name_another_relation_for_a_share_of_two_shape_records():
+    spec = {"kind": "shapes", "seed": 4, "epoch_size": 200}
+    swaps = next(D.DataLoader(D.make_source(spec), batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    source = D.make_source({**spec, "relation_negatives": 0.5})
+    batch = next(D.DataLoader(source, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    assert np.array_equal(batch["images"], swaps["images"]) and batch["captions"] == swaps["captions"]
+    counts = {"inverse": 0, "across": 0, "kept": 0}
+    for i, (caption, negative) in enumerate(zip(batch["captions"], batch["negative_captions"])):
+        scene = S.scene_at(4, i)
+        if negative == swaps["negative_captions"][i]:
+            counts["kept"] += 1
+            continue
+        assert len(scene.shapes) == 2, (caption, negative)   # a one-shape record has no relation to change
+        inverse, *across = S.other_relations(scene.spec)
+        if negative in S.captions_for(inverse):
+            counts["inverse"] += 1
+        else:
+            assert any(negative in S.captions_for(other) for other in across), (caption, negative)
+            counts["across"] += 1
+    two_shape = sum(len(S.scene_at(4, i).shapes) == 2 for i in range(400))
+    changed = counts["inverse"] + counts["across"]
+    assert 0.35 * two_shape <= changed <= 0.65 * two_shape and min(counts.values()) > 0.3 * changed, counts
+    again = next(D.DataLoader(source, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    assert again["negative_captions"] == batch["negative_captions"]
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(D.DataError, match="'relation_negatives' must be a fraction in \\[0, 1\\]"):
+            D.make_source({**spec, "relation_negatives": bad})
+
 def test_same_seed_same_batches_other_seed_other_order(folder):
     source = D.FolderSource(folder)
     def run(seed, prefetch):

@@ -272,6 +272,22 @@ def test_changed_names_each_other_allowed_value_of_one_shape():
         S.changed(scene, 2, "colour")
 
 
+def test_other_relations_name_the_inverse_first_then_the_two_across_the_axis():
+    spec = S.SceneSpec("white", (("red", "circle"), ("blue", "square")), "left of")
+    others = S.other_relations(spec)
+    assert [o.relation for o in others] == ["right of", "above", "below"]
+    assert all((o.background, o.objects) == (spec.background, spec.objects) for o in others)
+    assert [o.relation for o in S.other_relations(dataclasses.replace(spec, relation="below"))] == \
+        ["above", "left of", "right of"]
+    # Each one's captions, read back, say what it says (some name the second object first) and none
+    # is a phrasing of the scene's own.
+    flipped = lambda s: S.SceneSpec(s.background, s.objects[::-1], S.INVERSE_RELATION[s.relation])
+    for other in others:
+        assert all(S.parse_caption(c) in (other, flipped(other)) and c not in S.captions_for(spec)
+                   for c in S.captions_for(other))
+    with pytest.raises(ValueError, match="a one-object scene has no relation"):
+        S.other_relations(S.SceneSpec("white", (("red", "circle"),)))
+
 def test_copied_gives_one_shape_the_other_shapes_colour():
     red_circle = S.Shape("red", "circle", (0.3, 0.5), 0.3)
     blue_square = S.Shape("blue", "square", (0.7, 0.5), 0.3)
