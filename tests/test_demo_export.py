@@ -124,6 +124,7 @@ def test_the_inpainting_start_computes_the_base_model_whatever_the_hole():
 
 import bind_text  # noqa: E402
 import probe_binding  # noqa: E402
+import probe_clip  # noqa: E402
 
 
 def test_binding_labels_mark_each_object_s_words_with_its_colour_shape_and_place():
@@ -289,6 +290,41 @@ def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
     assert reader[100] == {"own": 1.0, "swapped": 0.0, "recoloured": 0.0}
     assert all(0.2 < share < 0.8 for share in reader[999].values()), reader[999]   # the noise decides
 
+
+def test_clip_probe_tells_a_clip_that_reads_the_whole_caption_from_one_that_reads_a_bag_of_words():
+    from glide_jax import shapes
+
+    alpha_bar = np.linspace(0.999, 0.001, 1000)
+
+    def analysed(noisy, t):
+        pixels = np.clip((noisy / np.sqrt(alpha_bar[t]) + 1) * 127.5, 0, 255).round().astype(np.uint8)
+        return [shapes.analyse(image) for image in pixels]
+
+    def reads_everything(noisy, t, captions):     # 1 where the analyser finds the caption true
+        return np.array([[float(shapes.score(shapes.parse_caption(c), a)["all"]) for c in captions]
+                         for a in analysed(noisy, t)])
+
+    def reads_a_bag_of_words(noisy, t, captions):  # how many of the colours and shapes it names are there
+        def named(caption):
+            spec = shapes.parse_caption(caption)
+            return {w for obj in spec.objects for w in obj}
+        return np.array([[float(len(named(c) & {w for o in a["objects"] for w in (o["colour"], o["kind"])}))
+                          for c in captions] for a in analysed(noisy, t)])
+
+    kwargs = dict(count=8, seed=5, timesteps=(0,))
+    changed_words = {"colours swapped": 2, "shapes swapped": 2, "relation inverted": 1}
+    for scene in probe_clip.probe_scenes(8, seed=5):
+        for i in range(5):   # the same phrasing: only the changed words differ
+            own = probe_clip.phrase(scene.spec, i).replace(",", "").split()
+            for name, spec in probe_clip.near_misses(scene).items():
+                other = probe_clip.phrase(spec, i).replace(",", "").split()
+                assert shapes.parse_caption(" ".join(other)) != shapes.parse_caption(" ".join(own))
+                if name in changed_words:
+                    assert len(other) == len(own) and sum(a != b for a, b in zip(own, other)) == changed_words[name], (own, other)
+    assert probe_clip.win_rates(reads_everything, alpha_bar, **kwargs) == {
+        0: {"retrieval": 1.0, **{name: 1.0 for name in probe_clip.NEAR_MISSES}}}
+    bag = probe_clip.win_rates(reads_a_bag_of_words, alpha_bar, **kwargs)[0]
+    assert {name: bag[name] for name in probe_clip.NEAR_MISSES} == {name: 0.0 for name in probe_clip.NEAR_MISSES}
 
 def test_binding_probe_zeroes_one_text_path():
     params = {"text_encoder": {"transformer_proj": {"kernel": np.ones((2, 3))}, "token_embedding": {"embedding": np.ones(4)}},
