@@ -308,6 +308,9 @@ _RELATION_NEGATIVE_STREAM = 0x9A28
 
 # ShapesSource's `attribute_negatives` settings besides False (off).
 ATTRIBUTE_NEGATIVES = ("changed", "copied")
+# What a relation negative may name (`relation_negative_kinds`): the inverse relation, or one
+# across the relation's axis (`shapes.other_relations`).
+RELATION_NEGATIVE_KINDS = ("inverted", "across")
 
 
 class ShapesSource(Source):
@@ -322,15 +325,16 @@ class ShapesSource(Source):
     is the share of records whose caption leaves out one object's colour or kind ("a white shape",
     "a triangle"), so that a colour word must be followed where its object is, whatever the shape
     there, and likewise a shape word. `relation_negatives` is the share of two-shape records whose
-    negative caption names another relation instead (`shapes.other_relations`: the inverse or, as
-    often, one across the axis), since the swaps and changes all keep the relation right."""
+    negative caption names another relation instead, since the swaps and changes all keep the
+    relation right: of the `relation_negative_kinds` ("inverted", "across"; both by default, drawn
+    as often), which one per record."""
 
     shuffle = False   # scenes are independent draws already
 
     def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
                  attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = (),
                  partial_captions: float = 0.0, extra_shape_kinds: Sequence[str] = (),
-                 relation_negatives: float = 0.0):
+                 relation_negatives: float = 0.0, relation_negative_kinds: Sequence[str] = RELATION_NEGATIVE_KINDS):
         if split not in shapes_lib.SPLITS:
             raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
         if epoch_size <= 0:
@@ -352,10 +356,15 @@ class ShapesSource(Source):
         for key, value in (("partial_captions", partial_captions), ("relation_negatives", relation_negatives)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise DataError(f"shapes source: {key!r} must be a fraction in [0, 1], got {value!r}")
+        if isinstance(relation_negative_kinds, str) or not relation_negative_kinds \
+                or not set(relation_negative_kinds) <= set(RELATION_NEGATIVE_KINDS):
+            raise DataError(f"shapes source: 'relation_negative_kinds' must be a non-empty list of "
+                            f"{list(RELATION_NEGATIVE_KINDS)}, got {relation_negative_kinds!r}")
         self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
         self.attribute_negatives = attribute_negatives
         self.partial_captions = float(partial_captions)
         self.relation_negatives = float(relation_negatives)
+        self.relation_negative_kinds = tuple(dict.fromkeys(relation_negative_kinds))
         self.extra_shape_colours = tuple(extra_shape_colours)
         self.extra_shape_kinds = tuple(extra_shape_kinds)
 
@@ -409,7 +418,8 @@ class ShapesSource(Source):
             draw = np.random.default_rng([self.seed, _RELATION_NEGATIVE_STREAM, epoch * self.epoch_size + index])
             if draw.random() < self.relation_negatives:
                 inverse, *across = shapes_lib.other_relations(scene.spec)
-                spec = inverse if draw.random() < 0.5 else across[int(draw.integers(len(across)))]
+                kind = self.relation_negative_kinds[int(draw.integers(len(self.relation_negative_kinds)))]
+                spec = inverse if kind == "inverted" else across[int(draw.integers(len(across)))]
                 options = shapes_lib.captions_for(spec)
                 return options[int(rng.integers(len(options)))]
         if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
@@ -444,7 +454,7 @@ class ShapesSource(Source):
 _SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
                 "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
                            "extra_shape_colours", "extra_shape_kinds", "partial_captions",
-                           "relation_negatives"}}
+                           "relation_negatives", "relation_negative_kinds"}}
 
 
 def make_source(spec: dict[str, Any]) -> Source:
@@ -454,8 +464,8 @@ def make_source(spec: dict[str, Any]) -> Source:
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
     * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
       "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"],
-      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25, "relation_negatives": 0.5}`
-      (all optional but `kind`)
+      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25, "relation_negatives": 0.5,
+      "relation_negative_kinds": ["inverted", "across"]}` (all optional but `kind`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
@@ -489,7 +499,8 @@ def make_source(spec: dict[str, Any]) -> Source:
                         extra_shape_colours=spec.get("extra_shape_colours", ()),
                         extra_shape_kinds=spec.get("extra_shape_kinds", ()),
                         partial_captions=spec.get("partial_captions", 0.0),
-                        relation_negatives=spec.get("relation_negatives", 0.0))
+                        relation_negatives=spec.get("relation_negatives", 0.0),
+                        relation_negative_kinds=spec.get("relation_negative_kinds", RELATION_NEGATIVE_KINDS))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------
