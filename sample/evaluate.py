@@ -326,7 +326,7 @@ def _parse_args(argv):
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
     p.add_argument("--scales", default=",".join(str(s) for s in CFG_SCALES), help="CFG scales")
     p.add_argument("--clip-scale", type=float, default=None,
-                   help="CLIP guidance scale (default: the demo CLIP's recommended scale); 0 skips CLIP")
+                   help="CLIP guidance scale (default: the CLI's demo default); 0 skips CLIP")
     p.add_argument("--inpaint", type=int, default=24, help="inpainting scenes (0 skips)")
     p.add_argument("--inpaint-scale", type=float, default=3.0, help="CFG scale for inpainting")
     p.add_argument("--upsample", type=int, default=16, help="upsampler test images (0 skips)")
@@ -343,14 +343,6 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-# Chosen on the tuning prompts (`--prompt-seed 777`), not the reported ones. For the first bases 30
-# beat 3 (12 prompts: colour 75% vs 50%); the base that binds (demo/REPRODUCE.md, item 7) follows
-# its caption unguided already, and at 30 the CLIP, which does not bind, cost it relations (48
-# prompts × 2: relation 88 / 96 / 96% and held-out 62 / 58 / 54% at 30 / 10 / 3; unguided 92, 50).
-# The base bundled after it (item 8) follows its caption better unguided than with this CLIP at 3 or 6
-# or with CLIPs retrained with the extra kinds, with and without hard negatives, at 3, 10 or 20 (96
-# tuning prompts, all checks: 83% unguided, 79% and 75-81%), so 10 stays.
-DEFAULT_CLIP_SCALE = 10.0
 
 
 def evaluate(args, log=print) -> dict:
@@ -408,7 +400,7 @@ def evaluate(args, log=print) -> dict:
 
     for scale in scales:
         run(f"CFG {scale:g}" + (" (no guidance)" if scale == 1 else ""), guidance="cfg", scale=scale)
-    clip_scale = DEFAULT_CLIP_SCALE if args.clip_scale is None else args.clip_scale
+    clip_scale = generate.DEMO_CLIP_GUIDANCE_SCALE if args.clip_scale is None else args.clip_scale
     if clip_scale > 0:
         run(f"CLIP guidance {clip_scale:g}", guidance="clip", scale=clip_scale)
 

@@ -88,11 +88,16 @@ def test_model_choice_is_explicit_and_never_falls_back(tmp_path, capsys):
 def test_defaults_follow_the_model():
     args = generate._parse_args(["--prompt", "x"])
     generate._resolve_model(args)
-    assert (args.model, args.sampler, args.respacing, args.upsample_steps) == (
-        "demo", generate.DEMO_SAMPLER, generate.DEMO_RESPACING, generate.DEMO_UPSAMPLE_RESPACING)
+    assert (args.model, args.sampler, args.respacing, args.upsample_steps, args.clip_guidance_scale) == (
+        "demo", generate.DEMO_SAMPLER, generate.DEMO_RESPACING, generate.DEMO_UPSAMPLE_RESPACING,
+        generate.DEMO_CLIP_GUIDANCE_SCALE)
     args = generate._parse_args(["--prompt", "x", "--checkpoint-dir", "somewhere"])
     generate._resolve_model(args)
-    assert (args.model, args.sampler, args.respacing) == ("glide", "ddpm", generate.DEFAULT_RESPACING)
+    assert (args.model, args.sampler, args.respacing, args.clip_guidance_scale) == (
+        "glide", "ddpm", generate.DEFAULT_RESPACING, generate.DEFAULT_CLIP_GUIDANCE_SCALE)
+    args = generate._parse_args(["--prompt", "x", "--clip-guidance-scale", "7"])
+    generate._resolve_model(args)
+    assert args.clip_guidance_scale == 7
 
 
 def _smoke(guidance, scale):
@@ -112,7 +117,7 @@ def test_bundled_base_model_follows_prompts_with_clip_guidance(golden, tmp_path,
     shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", tmp_path / "vocab")
     monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
-    s = _smoke("clip", evaluate.DEFAULT_CLIP_SCALE)
+    s = _smoke("clip", generate.DEMO_CLIP_GUIDANCE_SCALE)
     assert s["colour"]["p"] >= 0.5 and s["background"]["p"] >= 0.5, s
 
 
@@ -135,6 +140,17 @@ def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
     assert "2 held-out prompts × 1 seeds" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="--prompts 2 holds no held-out prompt"):
         evaluate.main(args[:1] + ["2"] + args[2:])
+
+
+def test_bundled_clip_is_the_network_its_training_config_builds():
+    # demo/REPRODUCE.md (item 9) trains the shipped CLIP in two runs; both must build its network.
+    from train.run_config import load_run_config
+    shipped = json.loads((DEMO / "clip" / "config.json").read_text())
+    for name in ("train_demo_clip_axis.json", "train_demo_clip_bind.json"):
+        _, raw = load_run_config(PROJECT_ROOT / "configs" / name)
+        assert raw["model_kind"] == "clip"
+        differing = {k: (v, shipped.get(k)) for k, v in raw["model"].items() if shipped.get(k) != v}
+        assert not differing, f"{name} vs demo/clip/config.json: {differing}"
 
 
 def test_bundled_base_is_the_network_its_training_config_builds():
