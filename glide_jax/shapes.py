@@ -236,7 +236,6 @@ def copied(scene: Scene, which: int) -> Scene | None:
     return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
-
 def other_relations(spec: SceneSpec) -> list[SceneSpec]:
     """The two-object `spec` with each other relation in its place, the inverse first, then the two
     across its axis. Their captions name the right objects and background in the wrong places:
@@ -246,6 +245,7 @@ def other_relations(spec: SceneSpec) -> list[SceneSpec]:
     inverse = INVERSE_RELATION[spec.relation]
     return [dataclasses.replace(spec, relation=r)
             for r in (inverse,) + tuple(r for r in RELATIONS if r not in (spec.relation, inverse))]
+
 
 # -- captions ----------------------------------------------------------------------------------
 
