@@ -343,8 +343,6 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-
-
 def evaluate(args, log=print) -> dict:
     from sample import generate
     from sample.generate import ModelSource

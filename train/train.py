@@ -285,21 +285,20 @@ class Trainer:
     def host_batch(self, batch: dict) -> dict:
         """A loader batch → the arrays the task's step takes (captions tokenized)."""
         out = {"images": batch["images"]}
+        negatives = batch.get("negative_captions")
+        if negatives is not None:
+            out["has_negative"] = np.array([bool(caption) for caption in negatives])   # "" = none
         if self.cfg.model_kind == "clip":
             ctx = self.model_config.max_text_len
             out["clip_tokens"], out["clip_text_len"] = self.tokenizer.batch_padded_and_len(batch["captions"], ctx)
-            if "negative_captions" in batch:
-                negatives = batch["negative_captions"]
+            if negatives is not None:
                 out["negative_clip_tokens"], out["negative_clip_text_len"] = self.tokenizer.batch_padded_and_len(
                     negatives, ctx)
-                out["has_negative"] = np.array([bool(caption) for caption in negatives])
         elif self.model_config.has_text:
             out["tokens"], out["mask"] = self.tokenizer.tokenize_batch(batch["captions"], self.model_config.text_ctx)
-            if "negative_captions" in batch:
-                negatives = batch["negative_captions"]
+            if negatives is not None:
                 out["negative_tokens"], out["negative_mask"] = self.tokenizer.tokenize_batch(
                     negatives, self.model_config.text_ctx)
-                out["has_negative"] = np.array([bool(caption) for caption in negatives])
         for key in ("low_res", "inpaint_mask"):
             if key in batch:
                 out[key] = batch[key]
