@@ -130,7 +130,7 @@ def test_bundled_base_model_follows_prompts_at_guidance_3():
 
 def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
     out = tmp_path / "out"
-    args = ["--prompts", "8", "--heldout-only", "--respacing", "4", "--scales", "3", "--clip-scale", "0",
+    args = ["--prompts", "8", "--heldout-only", "--respacing", "4", "--scales", "1,3", "--clip-scale", "0",
             "--inpaint", "0", "--upsample", "0", "--grid", "", "--out", str(out)]
     assert evaluate.main(args) == 0
     results = json.loads((out / "results.json").read_text())
@@ -138,6 +138,11 @@ def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
     metrics = results["conditions"]["CFG 3"]["metrics"]
     assert metrics["heldout"]["n"] == metrics["all"]["n"] == 2     # every image judged is a held-out one
     assert "2 held-out prompts × 1 seeds" in (out / "results.md").read_text()
+    # Guided conditions are compared with no guidance image by image; no guidance is not compared with itself.
+    paired = results["conditions"]["CFG 3"]["vs_unguided"]
+    assert paired["n"] == 2 and paired["won"] + paired["lost"] <= 2
+    assert "vs_unguided" not in results["conditions"][evaluate.UNGUIDED]
+    assert f"CFG 3 {100 * paired['diff']:+.1f}" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="--prompts 2 holds no held-out prompt"):
         evaluate.main(args[:1] + ["2"] + args[2:])
 

@@ -39,6 +39,44 @@ def test_proportion_and_mean_interval():
     assert (m["mean"], m["lo"], m["hi"]) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
 
 
+def test_paired_difference_counts_and_interval():
+    # 10 both right, 6 only the first, 2 only the second, 2 neither.
+    first = [True] * 10 + [True] * 6 + [False] * 2 + [False] * 2
+    second = [True] * 10 + [False] * 6 + [True] * 2 + [False] * 2
+    d = evaluate.paired_difference(first, second)
+    assert (d["n"], d["won"], d["lost"]) == (20, 6, 2)
+    assert d["diff"] == pytest.approx(0.2)
+    assert d["lo"] < 0.2 < d["hi"]
+    # Equal discordant counts: no difference, and the interval is symmetric about it.
+    tie = evaluate.paired_difference(first[:16] + [False] * 6, second[:16] + [True] * 6)
+    assert tie["diff"] == 0 and tie["lo"] == pytest.approx(-tie["hi"])
+    # Pairs that agree (positive correlation) narrow the interval below that of independent samples.
+    wide = evaluate.paired_difference([True] * 12 + [False] * 8, [False] * 6 + [True] * 10 + [False] * 4)
+    narrow = evaluate.paired_difference([True] * 12 + [False] * 8, [True] * 10 + [False] * 10)
+    assert wide["diff"] == narrow["diff"] == pytest.approx(0.1)
+    assert narrow["hi"] - narrow["lo"] < wide["hi"] - wide["lo"]
+    # Identical flags: the difference is exactly zero, yet 20 items cannot rule out a small one.
+    same = evaluate.paired_difference([True, False] * 10, [True, False] * 10)
+    z = evaluate.Z95
+    assert same["diff"] == 0 and same["hi"] == pytest.approx(z * math.sqrt(2 / 22 / 22)) == -same["lo"]
+    assert evaluate.paired_difference([], [])["diff"] is None
+    with pytest.raises(ValueError, match="same length"):
+        evaluate.paired_difference([True], [True, False])
+
+
+def test_paired_difference_interval_covers_the_truth_about_95_percent():
+    # Paired outcomes drawn with P(both, first only, second only, neither) = (.6, .15, .05, .2):
+    # the true difference is 0.1, and a 95% interval must contain it about 95% of the time.
+    rng = np.random.default_rng(0)
+    hits = 0
+    trials = 2000
+    for _ in range(trials):
+        cells = rng.choice(4, size=80, p=[0.6, 0.15, 0.05, 0.2])
+        d = evaluate.paired_difference(cells <= 1, (cells == 0) | (cells == 2))
+        hits += d["lo"] <= 0.1 <= d["hi"]
+    assert 0.93 <= hits / trials <= 0.975, hits / trials
+
+
 def test_psnr_and_ssim_known_values():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
