@@ -15,7 +15,8 @@ upsampling of the same 32px renders, by PSNR and SSIM against the 64px renders.
 Before any model runs, the analyser is checked on ground-truth renders of the same prompts: the
 numbers mean nothing if it cannot read the domain itself. Proportions come with 95% Wilson
 intervals (sound near 0 and 1, where the normal approximation is not); PSNR/SSIM means with a
-normal-approximation interval over images.
+normal-approximation interval over images. Each guided condition is also compared with no guidance
+image by image (the same noise, so a paired difference of the all-checks rate, with its interval).
 
 Writes OUT/results.json, OUT/results.md and the guidance grid (default demo/guidance_grid.png:
 one row per prompt, one column per guidance scale, then CLIP guidance).
