@@ -148,10 +148,10 @@ def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
 
 
 def test_bundled_clip_is_the_network_its_training_config_builds():
-    # demo/REPRODUCE.md (item 9) trains the shipped CLIP in two runs; both must build its network.
+    # demo/REPRODUCE.md (item 9) trains the shipped CLIP in three runs; each must build its network.
     from train.run_config import load_run_config
     shipped = json.loads((DEMO / "clip" / "config.json").read_text())
-    for name in ("train_demo_clip_axis.json", "train_demo_clip_bind.json"):
+    for name in ("train_demo_clip_axis.json", "train_demo_clip_bind.json", "train_demo_clip_refine.json"):
         _, raw = load_run_config(PROJECT_ROOT / "configs" / name)
         assert raw["model_kind"] == "clip"
         differing = {k: (v, shipped.get(k)) for k, v in raw["model"].items() if shipped.get(k) != v}
