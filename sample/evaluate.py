@@ -72,8 +72,8 @@ def paired_difference(first, second, z: float = Z95) -> dict:
     `second[i]` judge item i under two conditions), with Bonett and Price's (2012) adjusted Wald
     interval for paired data: one pseudo-count added to each kind of disagreement. Only the items
     the two conditions disagree on say which is better; the pairing is what resolves a few points
-    of difference that two separate intervals (each counting the shared noise) cannot. Unlike
-    Newcombe's paired interval, it does not shrink to a point when the conditions never disagree."""
+    of difference that two separate intervals (each counting the shared noise) cannot. Newcombe's
+    paired interval all but collapses to a point when the conditions never disagree; this one does not."""
     first, second = [bool(f) for f in first], [bool(f) for f in second]
     if len(first) != len(second):
         raise ValueError(f"paired flags must have the same length, got {len(first)} and {len(second)}")

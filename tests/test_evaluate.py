@@ -50,7 +50,7 @@ def test_paired_difference_counts_and_interval():
     # Equal discordant counts: no difference, and the interval is symmetric about it.
     tie = evaluate.paired_difference(first[:16] + [False] * 6, second[:16] + [True] * 6)
     assert tie["diff"] == 0 and tie["lo"] == pytest.approx(-tie["hi"])
-    # Pairs that agree (positive correlation) narrow the interval below that of independent samples.
+    # The same difference from fewer disagreements (pairs that agree more often) is surer.
     wide = evaluate.paired_difference([True] * 12 + [False] * 8, [False] * 6 + [True] * 10 + [False] * 4)
     narrow = evaluate.paired_difference([True] * 12 + [False] * 8, [True] * 10 + [False] * 10)
     assert wide["diff"] == narrow["diff"] == pytest.approx(0.1)
