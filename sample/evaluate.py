@@ -16,7 +16,8 @@ Before any model runs, the analyser is checked on ground-truth renders of the sa
 numbers mean nothing if it cannot read the domain itself. Proportions come with 95% Wilson
 intervals (sound near 0 and 1, where the normal approximation is not); PSNR/SSIM means with a
 normal-approximation interval over images. Each guided condition is also compared with no guidance
-image by image (the same noise, so a paired difference of the all-checks rate, with its interval).
+image by image (the same noise, so a paired difference of the all-checks rate, with its interval),
+and CLIP guidance likewise with each classifier-free guidance scale.
 
 Writes OUT/results.json, OUT/results.md and the guidance grid (default demo/guidance_grid.png:
 one row per prompt, one column per guidance scale, then CLIP guidance).
@@ -315,6 +316,11 @@ def markdown(results: dict) -> str:
         lines += ["", "All checks, each condition minus no guidance, judged image by image (both start from the "
                       "same noise): points [95% paired interval, Bonett–Price] (images only it / only no guidance "
                       "got right): " + "; ".join(f"{name} {_diff(d)}" for name, d in paired) + "."]
+    against_cfg = [(name, other, d) for name, entry in results["conditions"].items()
+                   for other, d in entry.get("vs_cfg", {}).items()]
+    if against_cfg:
+        lines += ["", "All checks, CLIP guidance minus classifier-free guidance, image by image, as above: "
+                  + "; ".join(f"{name} minus {other} {_diff(d)}" for name, other, d in against_cfg) + "."]
     split = [(name, entry["heldout_by_objects"]) for name, entry in results["conditions"].items()
              if "heldout_by_objects" in entry]
     if split:
@@ -442,7 +448,12 @@ def evaluate(args, log=print) -> dict:
         run(UNGUIDED if scale == 1 else f"CFG {scale:g}", guidance="cfg", scale=scale)
     clip_scale = generate.DEMO_CLIP_GUIDANCE_SCALE if args.clip_scale is None else args.clip_scale
     if clip_scale > 0:
-        run(f"CLIP guidance {clip_scale:g}", guidance="clip", scale=clip_scale)
+        clip_name = f"CLIP guidance {clip_scale:g}"
+        run(clip_name, guidance="clip", scale=clip_scale)
+        # The issue GLIDE settled: is CLIP guidance or classifier-free guidance the better one?
+        results["conditions"][clip_name]["vs_cfg"] = {
+            name: paired_difference(all_checks[clip_name], flags) for name, flags in all_checks.items()
+            if name not in (clip_name, UNGUIDED)}
 
     if args.inpaint > 0:
         ip_prompts, ip_images, ip_masks = inpaint_cases(args.inpaint)

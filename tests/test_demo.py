@@ -111,12 +111,16 @@ def _smoke(guidance, scale):
     return evaluate.summarise([evaluate.judge(p, image) for p, image in zip(prompts, images)])
 
 
-def test_bundled_base_model_follows_prompts_with_clip_guidance(golden, tmp_path, monkeypatch):
+def _offline_clip_vocab(golden, cache, monkeypatch):
     # The demo CLIP's BPE vocabulary comes from the cache (never bundled): seed the cache offline.
-    (tmp_path / "vocab").mkdir()
-    shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", tmp_path / "vocab")
-    monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path))
+    (cache / "vocab").mkdir(parents=True)
+    shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", cache / "vocab")
+    monkeypatch.setenv("GLIDE_JAX_CACHE", str(cache))
     monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
+
+
+def test_bundled_base_model_follows_prompts_with_clip_guidance(golden, tmp_path, monkeypatch):
+    _offline_clip_vocab(golden, tmp_path, monkeypatch)
     s = _smoke("clip", generate.DEMO_CLIP_GUIDANCE_SCALE)
     assert s["colour"]["p"] >= 0.5 and s["background"]["p"] >= 0.5, s
 
@@ -128,9 +132,10 @@ def test_bundled_base_model_follows_prompts_at_guidance_3():
     assert s["colour"]["p"] >= 0.5 and s["shape"]["p"] >= 0.6 and s["background"]["p"] >= 0.75, s
 
 
-def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
+def test_heldout_only_evaluation_and_its_paired_comparisons(golden, tmp_path, monkeypatch):
+    _offline_clip_vocab(golden, tmp_path / "cache", monkeypatch)
     out = tmp_path / "out"
-    args = ["--prompts", "8", "--heldout-only", "--respacing", "4", "--scales", "1,3", "--clip-scale", "0",
+    args = ["--prompts", "8", "--heldout-only", "--respacing", "4", "--scales", "1,3", "--clip-scale", "20",
             "--inpaint", "0", "--upsample", "0", "--grid", "", "--out", str(out)]
     assert evaluate.main(args) == 0
     results = json.loads((out / "results.json").read_text())
@@ -143,6 +148,10 @@ def test_heldout_only_keeps_the_held_out_prompts_and_says_so(tmp_path):
     assert paired["n"] == 2 and paired["won"] + paired["lost"] <= 2
     assert "vs_unguided" not in results["conditions"][evaluate.UNGUIDED]
     assert f"CFG 3 {100 * paired['diff']:+.1f}" in (out / "results.md").read_text()
+    # CLIP guidance is compared, the same way, with each classifier-free guidance scale.
+    clip = results["conditions"]["CLIP guidance 20"]
+    assert list(clip["vs_cfg"]) == ["CFG 3"] and clip["vs_cfg"]["CFG 3"]["n"] == 2
+    assert f"CLIP guidance 20 minus CFG 3 {100 * clip['vs_cfg']['CFG 3']['diff']:+.1f}" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="--prompts 2 holds no held-out prompt"):
         evaluate.main(args[:1] + ["2"] + args[2:])
 
