@@ -334,8 +334,8 @@ def test_shapes_relation_negatives_name_another_relation_for_a_share_of_two_shap
     again = next(D.DataLoader(source, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
     assert again["negative_captions"] == batch["negative_captions"]
     # Only across the axis where asked: all two-shape records then name the other axis.
-    across = next(D.DataLoader(D.make_source({**spec, "relation_negatives": 1, "relation_negative_kinds": ["across"]}),
-                               batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
+    across_only = D.make_source({**spec, "relation_negatives": 1, "relation_negative_kinds": ["across"]})
+    across = next(D.DataLoader(across_only, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
     for i, negative in enumerate(across["negative_captions"]):
         scene = S.scene_at(4, i)
         if len(scene.shapes) == 2:
@@ -345,9 +345,11 @@ def test_shapes_relation_negatives_name_another_relation_for_a_share_of_two_shap
     for bad in (-0.1, 1.5, True, "0.5"):
         with pytest.raises(D.DataError, match="'relation_negatives' must be a fraction in \\[0, 1\\]"):
             D.make_source({**spec, "relation_negatives": bad})
+    kinds_error = "'relation_negative_kinds' must be a non-empty list of \\['inverted', 'across'\\]"
     for bad in ([], "across", ["across", "diagonal"]):
-        with pytest.raises(D.DataError, match="'relation_negative_kinds' must be a non-empty list of \\['inverted', 'across'\\]"):
+        with pytest.raises(D.DataError, match=kinds_error):
             D.make_source({**spec, "relation_negative_kinds": bad})
+
 
 def test_same_seed_same_batches_other_seed_other_order(folder):
     source = D.FolderSource(folder)

@@ -142,16 +142,17 @@ def test_heldout_only_evaluation_and_its_paired_comparisons(golden, tmp_path, mo
     assert (results["prompts"], results["heldout_only"]) == (2, True)
     metrics = results["conditions"]["CFG 3"]["metrics"]
     assert metrics["heldout"]["n"] == metrics["all"]["n"] == 2     # every image judged is a held-out one
-    assert "2 held-out prompts × 1 seeds" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "2 held-out prompts × 1 seeds" in report
     # Guided conditions are compared with no guidance image by image; no guidance is not compared with itself.
     paired = results["conditions"]["CFG 3"]["vs_unguided"]
     assert paired["n"] == 2 and paired["won"] + paired["lost"] <= 2
     assert "vs_unguided" not in results["conditions"][evaluate.UNGUIDED]
-    assert f"CFG 3 {100 * paired['diff']:+.1f}" in (out / "results.md").read_text()
+    assert f"CFG 3 {100 * paired['diff']:+.1f}" in report
     # CLIP guidance is compared, the same way, with each classifier-free guidance scale.
-    clip = results["conditions"]["CLIP guidance 20"]
-    assert list(clip["vs_cfg"]) == ["CFG 3"] and clip["vs_cfg"]["CFG 3"]["n"] == 2
-    assert f"CLIP guidance 20 minus CFG 3 {100 * clip['vs_cfg']['CFG 3']['diff']:+.1f}" in (out / "results.md").read_text()
+    against_cfg = results["conditions"]["CLIP guidance 20"]["vs_cfg"]
+    assert list(against_cfg) == ["CFG 3"] and against_cfg["CFG 3"]["n"] == 2
+    assert f"CLIP guidance 20 minus CFG 3 {100 * against_cfg['CFG 3']['diff']:+.1f}" in report
     with pytest.raises(SystemExit, match="--prompts 2 holds no held-out prompt"):
         evaluate.main(args[:1] + ["2"] + args[2:])
 
