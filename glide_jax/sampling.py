@@ -212,11 +212,12 @@ def dpm_solver_pp_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape,
 
     `lower_order_final` makes 2M's last span (index 1 to 0) a first-order step. On GLIDE's
     respacings, uniform in the timestep, that span is the widest in log-SNR (cosine, 20 steps:
-    lambda 2.3 to 5.1) and the previous one is much shorter, so 2M's linear extrapolation of x_0
-    over it overshoots wherever x_0's prediction has already settled: on Gaussian data with
-    per-element std s in [0.4, 1] (tests/test_dpm_solver.py) it leaves 2M no better than DDIM,
-    while the first-order last span makes it ~20x better at 20 steps, and no worse than DDIM for
-    small s. 2S's last pair has its midpoint inside, so it needs no such step.
+    lambda 2.3 to 5.1, the one before 1.7 to 2.3) and shrinks only logarithmically with the step
+    count, so 2M's linear extrapolation of x_0 over it overshoots wherever x_0's prediction has
+    already settled: on Gaussian data with per-element std s in [0.4, 1] (tests/test_dpm_solver.py)
+    it leaves 2M no better than DDIM at 20 steps, while the first-order last span makes it ~15x
+    better, and no worse than DDIM for small s. 2S's last pair has its midpoint inside, so it needs
+    no such step.
 
     Returns the sample, and with `return_trajectory` also the point after every step, (S, B, H, W, C).
     """

@@ -176,7 +176,8 @@ def test_trajectory_matches_numpy(case, multistep):
 # A tiny text-conditional U-Net with random weights, so every output is a nonlinear function of
 # x_t, the timestep and the tokens.
 TINY = ModelConfig(image_size=8, num_channels=16, norm_groups=8, num_res_blocks=1, channel_mult="1,2",
-                   attention_resolutions="4", num_head_channels=8, text_ctx=6, xf_width=32, xf_layers=1, xf_heads=2, n_vocab=300)
+                   attention_resolutions="4", num_head_channels=8, text_ctx=6, xf_width=32, xf_layers=1, xf_heads=2,
+                   n_vocab=300)
 
 
 @pytest.fixture(scope="module")
