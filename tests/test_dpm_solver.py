@@ -192,13 +192,14 @@ def tiny_unet():
     def model_fn(params, x, timesteps):
         return model.apply({"params": params}, x, timesteps, tokens, mask)
 
-    return params, model_fn
+    # One compiled model call for the numpy reference's steps, shared by the tests.
+    return params, model_fn, jax.jit(model_fn)
 
 
 @pytest.mark.parametrize("multistep, prediction, guidance", [(True, "eps", 3.0), (False, "v", None)],
                          ids=["2m_eps_cfg", "2s_v"])
 def test_tiny_unet_matches_numpy(tiny_unet, multistep, prediction, guidance):
-    params, unet_fn = tiny_unet
+    params, unet_fn, one_call = tiny_unet
     shape = (4, TINY.image_size, TINY.image_size, 3)
     d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, "12", prediction=prediction)
     noise = np.random.default_rng(1).normal(size=shape).astype(np.float32)
@@ -210,8 +211,6 @@ def test_tiny_unet_matches_numpy(tiny_unet, multistep, prediction, guidance):
             model_fn = classifier_free_guidance(model_fn, guidance)
         return dpm_solver_pp_sample(model_fn, d, shape, jax.random.key(0), noise=noise, multistep=multistep,
                                     return_trajectory=True)[1]
-
-    one_call = jax.jit(unet_fn)
 
     def np_model(x, orig_t):
         out = one_call(params, jnp.asarray(x, jnp.float32), jnp.full((len(x),), int(orig_t), jnp.int32))
