@@ -51,14 +51,14 @@ from glide_jax import parallel
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import GaussianDiffusion
 from glide_jax.layers import resize_bilinear
-from glide_jax.sampling import classifier_free_guidance, ddim_sample, ddpm_sample, inpaint_denoised_fn
+from glide_jax.sampling import (SAMPLERS, classifier_free_guidance, ddim_sample, ddpm_sample,
+                                dpm_solver_pp_sample, inpaint_denoised_fn)
 from glide_jax.unet import GlideUNet
 
 __all__ = ["SAMPLERS", "DTYPES", "PipelineError", "StageTiming", "prepare_params", "quantize_8bit",
            "sample_base", "sample_upsample", "sample_clip_guided", "to_uint8", "compiled_programs",
            "reporting_progress"]
 
-SAMPLERS = ("ddpm", "ddim")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -170,6 +170,10 @@ def _program(spec: _Spec, params, batch, scalars, clip_params):
         if spec.sampler == "ddim":
             eta = scalars["eta"] if spec.stochastic_ddim else 0.0
             x0 = ddim_sample(guided_fn, spec.diffusion, shape, loop_key, eta=eta, **common)
+        elif spec.sampler in ("dpm++2m", "dpm++2s"):
+            # Deterministic: no per-step noise to take.
+            x0 = dpm_solver_pp_sample(guided_fn, spec.diffusion, shape, loop_key, noise=x_T, clip_denoised=True,
+                                      denoised_fn=denoised_fn, cond_fn=cond_fn, multistep=spec.sampler == "dpm++2m")
         else:
             x0 = ddpm_sample(guided_fn, spec.diffusion, shape, loop_key, **common)
         return x0[0]

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sample import generate
+
 from glide_jax import shapes
 
 CFG_SCALES = (1.0, 3.0, 5.0, 8.0)
@@ -319,7 +321,7 @@ def _parse_args(argv):
                    help="keep only the held-out part of the prompt set (its first quarter): a four times "
                         "larger sample of held-out pairs for the same sampling time")
     p.add_argument("--respacing", default=None, help="base steps (default: the CLI's demo default)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
+    p.add_argument("--sampler", choices=generate.SAMPLER_CHOICES, default=None, help="default: the CLI's demo default")
     p.add_argument("--scales", default=",".join(str(s) for s in CFG_SCALES), help="CFG scales")
     p.add_argument("--clip-scale", type=float, default=None,
                    help="CLIP guidance scale (default: the CLI's demo default); 0 skips CLIP")
@@ -327,7 +329,7 @@ def _parse_args(argv):
     p.add_argument("--inpaint-scale", type=float, default=3.0, help="CFG scale for inpainting")
     p.add_argument("--upsample", type=int, default=16, help="upsampler test images (0 skips)")
     p.add_argument("--upsample-respacing", default=None, help="default: the CLI's demo default")
-    p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
+    p.add_argument("--upsample-sampler", choices=generate.SAMPLER_CHOICES, default=None, help="default: the CLI's demo default")
     p.add_argument("--upsample-start", type=int, default=None,
                    help="original timestep the upsampler starts from (999: pure noise); default: the CLI's demo default")
     p.add_argument("--grid", default="demo/guidance_grid.png", help="guidance grid image ('' skips)")
@@ -485,8 +487,6 @@ def evaluate_upsampler(pipe, n: int, respacing: str, sampler: str, start: int) -
 
 
 def main(argv=None) -> int:
-    from sample import generate
-
     args = _parse_args(argv)
     try:
         evaluate(args)

@@ -51,7 +51,7 @@ EXIT_BUG = 1
 DEFAULTS = "(default: the model family's; GLIDE: %s, demo: %s)"
 MODEL_CHOICES = ("demo", "glide")
 MATMUL_PRECISIONS = ("default", "high", "highest")
-SAMPLER_CHOICES = ("ddpm", "ddim")
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++2s")   # glide_jax.sampling.SAMPLERS, without importing jax
 FULL_CHAIN_START = 999
 
 
@@ -158,7 +158,7 @@ def _check_args(args) -> None:
         given, missing = (("--inpaint-image", "--inpaint-mask") if args.inpaint_image
                           else ("--inpaint-mask", "--inpaint-image"))
         raise InputError(f"{given} needs {missing} too")
-    if args.sampler == "ddpm" and args.eta:
+    if args.sampler not in (None, "ddim") and args.eta:
         raise InputError("--eta applies to --sampler ddim only")
 
 

@@ -90,6 +90,12 @@ def test_clip_guidance_offline_with_an_empty_cache(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "empty").exists()
 
 
+def test_the_cli_offers_every_sampler():
+    from glide_jax.sampling import SAMPLERS
+
+    assert generate.SAMPLER_CHOICES == SAMPLERS
+
+
 def test_unwritable_output_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -71,6 +71,16 @@ def test_progress_follows_every_step_of_each_stage(pipe):
     assert seen == [("base", i, 4) for i in range(1, 5)] + [("upsample", i, 3) for i in range(1, 4)]
 
 
+def test_dpm_solver_through_the_pipeline(pipe, first):
+    # DPM-Solver++ (2M) at as many steps as the DDPM run: a deterministic image of the same prompts.
+    out = pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4)
+    assert out.arrays.shape == (2, 32, 32, 3) and out.settings["sampler"] == "dpm++2m"
+    np.testing.assert_array_equal(pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4).arrays,
+                                  out.arrays)
+    assert not np.array_equal(out.arrays, first.base_arrays)
+    assert set(pipe.samplers) >= {"ddpm", "ddim", "dpm++2m", "dpm++2s"}
+
+
 def test_no_guidance_at_scale_one_and_no_upsampling(pipe):
     out = pipe(PROMPTS[:1], guidance_scale=1.0, upsample=False, **FAST)
     assert out.arrays.shape == (1, 32, 32, 3) and out.base_arrays is None
