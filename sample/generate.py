@@ -101,6 +101,10 @@ def _parse_args(argv):
                    help="upsampler sampler " + DEFAULTS % ("ddim, ddpm when inpainting", "ddim"))
     p.add_argument("--inpaint-image", help="image to inpaint (needs --inpaint-mask)")
     p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
+    p.add_argument("--init-image", help="img2img (SDEdit): start the base model from this image, noised to "
+                                         "--strength of the chain")
+    p.add_argument("--strength", type=float, help="with --init-image: how far to noise it, in (0, 1] "
+                                                  "(default 0.8; 1 ignores the image)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
@@ -158,6 +162,12 @@ def _check_args(args) -> None:
         given, missing = (("--inpaint-image", "--inpaint-mask") if args.inpaint_image
                           else ("--inpaint-mask", "--inpaint-image"))
         raise InputError(f"{given} needs {missing} too")
+    if args.init_image is not None and args.inpaint_image is not None:
+        raise InputError("--init-image (img2img) and --inpaint-image do not go together")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength applies to --init-image only")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise InputError(f"--strength must be a number in (0, 1], got {args.strength}")
     if args.sampler not in (None, "ddim") and args.eta:
         raise InputError("--eta applies to --sampler ddim only")
 
@@ -258,7 +268,7 @@ def _chunks(n: int, max_batch: int | None):
         yield start, rows + [rows[-1]] * (size - len(rows)), len(rows)
 
 
-def _sample(pipe, args, prompts, inpaint_files, out: Path, log) -> dict:
+def _sample(pipe, args, prompts, inpaint_files, init, out: Path, log) -> dict:
     """Samples chunk by chunk, writing each chunk's PNGs as soon as it is done."""
     import jax
 
@@ -272,6 +282,7 @@ def _sample(pipe, args, prompts, inpaint_files, out: Path, log) -> dict:
                    upsample=args.upsample, upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
                    upsample_start=args.upsample_start, upsample_temp=args.upsample_temp,
                    negative_prompt=args.negative_prompt, progress=progress,
+                   **({} if init is None else dict(init_image=init, strength=args.strength)),
                    warn=lambda message: log(f"warning: {message}", err=True))
     pixels, files = [], []
     for start, chunk, kept in _chunks(len(rows), args.max_batch):
@@ -317,6 +328,7 @@ def run(args, log) -> Path:
     prompts = _prompts(args)
     inpainting = args.inpaint_image is not None
     inpaint_files = image_io.load_inpaint_inputs(args.inpaint_image, args.inpaint_mask) if inpainting else None
+    init = image_io.open_image(args.init_image, "--init-image") if args.init_image else None
     source = args.checkpoint_dir or args.model
     pipe = Pipeline(source, dtype=args.dtype, vocab_dir=args.vocab_dir, compile_cache=args.compile_cache)
     _apply_defaults(args, pipe.defaults)
@@ -331,7 +343,7 @@ def run(args, log) -> Path:
         pipe.model("clip")
     out = Path(args.out)
     _writable(out)
-    summary = _sample(pipe, args, prompts, inpaint_files, out, log)
+    summary = _sample(pipe, args, prompts, inpaint_files, init, out, log)
     log(f"wrote {len(prompts) * args.batch_size} image(s) and grid.png to {out.resolve()}")
     if args.json:
         import json
