@@ -121,8 +121,13 @@ class Pipeline:
         if dtype not in stages.DTYPES:
             raise PipelineError(f"dtype must be one of {tuple(stages.DTYPES)}, got {dtype!r}")
         self.source = str(source)
-        self.directory = None if self.source == "glide" else (
-            weights.DEMO_DIR if self.source == "demo" else Path(source).expanduser())
+        if self.source == "glide":
+            self.directory = None
+        elif self.source == "demo":
+            self.directory = weights.DEMO_DIR
+        else:
+            # A Hub repository id is resolved once, to its local snapshot, which is then a directory.
+            self.directory = weights.hub_snapshot(self.source) if weights.is_hub_id(source) else Path(source).expanduser()
         if self.directory is not None and not self.directory.is_dir():
             raise PipelineError(f"model source {self.source!r}: expected 'demo', 'glide' or a directory of "
                                 f"models, and {self.directory} is not a directory")
@@ -143,7 +148,9 @@ class Pipeline:
         released GLIDE weights, downloaded and converted once; `released_options` such as
         `cache=`/`offline=` go to `weights.load_released`), or a directory of converted models
         (`base/`, `upsample/`, `base_inpaint/`, `upsample_inpaint/`, `clip/`) or of the reference's
-        `.pt` files. `preload` loads those models now; the others load on first use.
+        `.pt` files, or a Hugging Face Hub repository id ("owner/name") holding such a directory
+        (through huggingface_hub's cache; `HF_HUB_OFFLINE=1` is respected). `preload` loads those
+        models now; the others load on first use.
         `compile_cache` keeps compiled programs on disk for later processes (`glide_jax.compile_cache`)."""
         pipe = cls(source, dtype=dtype, mesh=mesh, vocab_dir=vocab_dir, compile_cache=compile_cache,
                    **released_options)
@@ -162,7 +169,8 @@ class Pipeline:
         if name not in self._models:
             from glide_jax import weights
 
-            config, params = weights.load(self.source, name, dtype=np.float32, **self._released_options)
+            where = "glide" if self.directory is None else ("demo" if self.source == "demo" else self.directory)
+            config, params = weights.load(where, name, dtype=np.float32, **self._released_options)
             # A model without a text encoder (the demo upsampler) needs no vocabulary at all.
             tokenizer = self._tokenizer(name) if name == "clip" or config.has_text else None
             self._models[name] = _Model(config, stages.prepare_params(params, self.mesh), tokenizer)

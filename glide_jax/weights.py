@@ -49,7 +49,7 @@ from .convert import ConversionError, convert_state_dict
 from .pt_reader import PtFormatError, load_state_dict
 
 __all__ = ["DEFAULT_BASE_URL", "DEMO_DIR", "WEIGHTS_URL_ENV", "RELEASED", "ReleasedModel", "WeightsError",
-           "find_converted", "load", "load_local", "load_released", "released_config", "weights_dir",
+           "find_converted", "hub_snapshot", "is_hub_id", "load", "load_local", "load_released", "released_config", "weights_dir",
            "weights_url"]
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021"
@@ -125,7 +125,9 @@ def weights_dir(cache: str | os.PathLike | None = None) -> Path:
 
 
 def _is_converted(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and (directory / "params").is_dir()
+    from .checkpoint import is_saved_model
+
+    return is_saved_model(directory)
 
 
 def _same_network(a: AnyConfig, b: AnyConfig) -> bool:
@@ -363,15 +365,43 @@ def load_local(path: str | os.PathLike, name: str, *, config: AnyConfig | None =
 # -- the one resolver ----------------------------------------------------------------------------------
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hugging Face Hub repository ("owner/name") rather than a local path."""
+    text = str(source)
+    return (not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in text.split("/")))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """A local copy of Hub repository `repo_id` (a directory of converted models), through
+    huggingface_hub's cache: downloaded once, and with `HF_HUB_OFFLINE=1` only read from the cache."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise WeightsError(f"{repo_id!r} looks like a Hugging Face Hub repository, but huggingface_hub is not "
+                           f"installed (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise WeightsError(f"the Hub repository {repo_id!r} is not in the local Hugging Face cache and it cannot "
+                           f"be downloaded (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}, or no "
+                           f"network): {' '.join(str(err).split())[:300]}") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise WeightsError(f"cannot get the Hub repository {repo_id!r}: {' '.join(str(err).split())[:300]}") from None
+
+
 def load(source: str | os.PathLike, name: str, *, dtype=None, **released_options) -> tuple[AnyConfig, Any]:
     """`(config, params)` of model `name` from `source`: "glide" (the released weights, downloaded
     and converted once; `released_options` go to `load_released`), "demo" (the bundled demo
-    models), or a directory of converted models or of the reference's `.pt` files."""
+    models), a directory of converted models (orbax or safetensors) or of the reference's `.pt`
+    files, or a Hugging Face Hub repository id ("owner/name") holding such a directory."""
     if str(source) == "glide":
         return load_released(name, dtype=dtype, **released_options)
     if released_options:
         raise WeightsError(f"{sorted(released_options)} apply to the released weights only")
-    directory = DEMO_DIR if str(source) == "demo" else Path(source)
+    directory = DEMO_DIR if str(source) == "demo" else (
+        hub_snapshot(str(source)) if is_hub_id(source) else Path(source))
     if str(source) == "demo" and find_converted(directory, name) is None:
         raise WeightsError(
             f"the bundled demo model {name!r} is missing: expected {directory / _released(name).converted}/ "
