@@ -1,8 +1,12 @@
-"""`python -m sample.generate` end to end on the golden tiny models (64px base → 64px upsampler).
+"""`python -m sample.generate` end to end on the golden tiny models (base → upsampler).
+
+Sizes and the text context come from the golden configs, so any golden set made the same way
+passes.
 
 The CLI runs in-process through `main(argv)` so the compiled stage programs are shared between
 runs (a rerun with the same shapes reuses them); one test runs it as a real subprocess."""
 
+import json
 import subprocess
 import sys
 
@@ -17,7 +21,20 @@ from sample import generate
 
 from conftest import PROJECT_ROOT
 
-LONG_PROMPT = "a very detailed oil painting of a small red cube on a wooden table in the morning light"
+
+
+@pytest.fixture(scope="module")
+def sizes(golden):
+    """(base image size, upsampler image size, base text_ctx) of the golden models."""
+    base = json.loads((golden / "base.config.json").read_text())
+    upsample = json.loads((golden / "upsample.config.json").read_text())
+    return base["image_size"], upsample["image_size"], base["text_ctx"]
+
+
+def long_prompt(text_ctx):
+    """A prompt with more words than text_ctx, so more tokens: it must be truncated."""
+    words = "a very detailed oil painting of a small red cube on a wooden table in the morning light".split()
+    return " ".join(words * (text_ctx // len(words) + 1))
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +57,29 @@ def read(path):
 
 
 @pytest.fixture(scope="module")
-def cascade(golden, checkpoints, tmp_path_factory):
+def cascade(golden, checkpoints, sizes, tmp_path_factory):
     """One base → upsampler run: two prompts (one too long, one empty) × 2 images."""
     out = tmp_path_factory.mktemp("cascade")
-    args = cli(golden, checkpoints, out, "--prompt", LONG_PROMPT, "--prompt", "", "--batch-size", "2",
+    args = cli(golden, checkpoints, out, "--prompt", long_prompt(sizes[2]), "--prompt", "", "--batch-size", "2",
                "--steps", "3", "--upsample-steps", "3", "--seed", "5")
     return out, args
 
 
-def test_cascade_writes_images_and_grid(cascade, capsys):
+def test_cascade_writes_images_and_grid(cascade, sizes, capsys):
     out, args = cascade
+    size = sizes[1]
     assert generate.main(args) == 0
     captured = capsys.readouterr()
-    assert "truncated" in captured.err and "prompt 1" in captured.err  # 16-token context
+    assert "truncated" in captured.err and "prompt 1" in captured.err  # longer than text_ctx
     assert "prompt 3" not in captured.err  # the empty prompt is valid as is
     assert "steps/s" in captured.out and "upsample" in captured.out and str(out.resolve()) in captured.out
     images = [read(out / f"{i:04d}.png") for i in range(4)]
-    assert all(image.shape == (64, 64, 3) and image.dtype == np.uint8 for image in images)
+    assert all(image.shape == (size, size, 3) and image.dtype == np.uint8 for image in images)
     assert not (out / "0004.png").exists()
     assert len({image.tobytes() for image in images}) == 4  # every image has its own noise
     grid = read(out / "grid.png")
-    assert grid.shape == (2 * 64 + 2, 2 * 64 + 2, 3)  # one row per prompt, one column per image
-    np.testing.assert_array_equal(grid[66:, 66:], images[3])
+    assert grid.shape == (2 * size + 2, 2 * size + 2, 3)  # one row per prompt, one column per image
+    np.testing.assert_array_equal(grid[size + 2:, size + 2:], images[3])
 
 
 def test_same_seed_same_bytes_other_seed_other_images(cascade, tmp_path, capsys):
@@ -80,12 +98,16 @@ def test_same_seed_same_bytes_other_seed_other_images(cascade, tmp_path, capsys)
     assert (other / "0000.png").read_bytes() != (out / "0000.png").read_bytes()
 
 
-def test_inpainting_keeps_the_known_region(golden, checkpoints, tmp_path):
+def test_inpainting_keeps_the_known_region(golden, checkpoints, sizes, tmp_path):
+    base_size, size, _ = sizes
+    # At the final size, with the kept columns on whole base-sized pixels, nothing is resampled
+    # across the mask's edge.
+    keep = 3 * base_size // 8 * (size // base_size)
     rng = np.random.default_rng(0)
-    source = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    source = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(source).save(tmp_path / "image.png")
-    mask = np.zeros((64, 64), np.uint8)
-    mask[:, :24] = 255  # keep the left 24 columns
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, :keep] = 255  # keep the left 3/8 of the columns
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "out"
     args = cli(golden, checkpoints, out, "--prompt", "a red cube", "--steps", "3", "--upsample-steps", "3",
@@ -94,11 +116,11 @@ def test_inpainting_keeps_the_known_region(golden, checkpoints, tmp_path):
     image = read(out / "0000.png").astype(int)
     # Both stages force the known region into every x_0 prediction and the last ancestral step
     # returns that x_0, so kept pixels come back exactly (to PNG rounding) through the cascade.
-    assert np.abs(image[:, :24] - source[:, :24]).max() <= 1
-    assert np.abs(image[:, 24:] - source[:, 24:]).mean() > 20
+    assert np.abs(image[:, :keep] - source[:, :keep]).max() <= 1
+    assert np.abs(image[:, keep:] - source[:, keep:]).mean() > 20
 
 
-def test_clip_guidance_runs_as_a_subprocess(golden, checkpoints, tmp_path):
+def test_clip_guidance_runs_as_a_subprocess(golden, checkpoints, sizes, tmp_path):
     out = tmp_path / "out"
     args = cli(golden, checkpoints, out, "--prompt", "a red cube", "--guidance", "clip", "--sampler", "ddim",
                "--steps", "2", "--no-upsample", "--clip-guidance-scale", "2")
@@ -106,7 +128,7 @@ def test_clip_guidance_runs_as_a_subprocess(golden, checkpoints, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "clip guidance" in result.stdout and "steps/s" in result.stdout
-    assert read(out / "0000.png").shape == (64, 64, 3) and (out / "grid.png").is_file()
+    assert read(out / "0000.png").shape == (sizes[0], sizes[0], 3) and (out / "grid.png").is_file()
 
 
 # -- bad input: one line on stderr, exit code 2, no traceback --------------------------------------------
