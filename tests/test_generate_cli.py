@@ -6,9 +6,13 @@ passes.
 The CLI runs in-process through `main(argv)` so the compiled stage programs are shared between
 runs (a rerun with the same shapes reuses them); one test runs it as a real subprocess."""
 
+import io
 import json
+import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -141,7 +145,20 @@ def inputs(tmp_path_factory):
     Image.new("L", (64, 64), 255).save(root / "mask.png")
     Image.new("L", (32, 32), 255).save(root / "small_mask.png")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(noisy, "PNG")
+    (root / "cut.png").write_bytes(noisy.getvalue()[: len(noisy.getvalue()) // 2])
+    (root / "bomb.png").write_bytes(_bomb_png(50_000, 50_000))
     return root
+
+
+def _bomb_png(width, height):
+    """A few bytes whose header claims width x height pixels (2.5 G here): a decompression bomb."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
 
 
 BAD_INPUTS = [
@@ -150,9 +167,25 @@ BAD_INPUTS = [
     (["--inpaint-image", "{d}/image.png", "--inpaint-mask", "{d}/small_mask.png"], "must be the same size"),
     (["--inpaint-image", "{d}/missing.png", "--inpaint-mask", "{d}/mask.png"], "missing.png: no such file"),
     (["--inpaint-image", "{d}/broken.png", "--inpaint-mask", "{d}/mask.png"], "cannot read it as an image"),
+    (["--inpaint-image", "{d}/cut.png", "--inpaint-mask", "{d}/mask.png"], "cut.png: cannot read it as an image"),
+    (["--inpaint-image", "{d}/image.png", "--inpaint-mask", "{d}/bomb.png"],
+     "bomb.png: refusing to decode a possible decompression bomb"),
     (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
     (["--clip-guidance-scale", "inf"], "--clip-guidance-scale must be a finite number >= 0"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number >= 0"),
+    (["--guidance-scale=-inf"], "--guidance-scale must be a finite number >= 0"),
+    (["--clip-guidance-scale", "-0.5"], "--clip-guidance-scale must be a finite number >= 0"),
+    (["--clip-guidance-scale", "nan"], "--clip-guidance-scale must be a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "-0.1"], "--eta must be a finite number >= 0"),
+    (["--upsample-temp", "nan"], "--upsample-temp must be a finite number > 0"),
+    (["--upsample-temp", "inf"], "--upsample-temp must be a finite number > 0"),
+    (["--upsample-temp", "-1"], "--upsample-temp must be a finite number > 0"),
+    (["--batch-size", "-3"], "--batch-size must be at least 1"),
+    (["--steps", "-5"], "--steps must be at least 2"),
+    (["--seed", str(2 ** 32)], "--seed must be in [0, 2**32)"),
+    (["--steps", "nan"], "invalid int value"),
     (["--steps", "0"], "--steps must be at least 2"),
     (["--steps", "5000"], "cannot keep 5000"),
     (["--steps", "ten"], "invalid int value"),
@@ -178,6 +211,56 @@ def test_bad_input_is_one_line_and_exit_2(golden, checkpoints, inputs, tmp_path,
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def _one_error_line(capsys, code, message):
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_out_that_cannot_be_created_is_refused_before_sampling(golden, checkpoints, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, message in ((tmp_path / "a_file" / "out", "is not a directory"),
+                         (tmp_path / "a_file", "exists and is not a directory")):
+        code = generate.main(["--checkpoint-dir", str(checkpoints), "--vocab-dir", str(golden / "vocab"),
+                              "--out", str(out), "--prompt", "a cube"])
+        _one_error_line(capsys, code, f"--out {out}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="permission bits do not stop root (the file-in-the-way case above runs as root)")
+def test_out_under_a_read_only_directory_is_refused(golden, checkpoints, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code = generate.main(["--checkpoint-dir", str(checkpoints), "--vocab-dir", str(golden / "vocab"),
+                              "--out", str(locked / "out"), "--prompt", "a cube"])
+        _one_error_line(capsys, code, "is not writable")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_save_png_never_leaves_half_a_file(tmp_path):
+    from sample import images as image_io
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(image_io.ImageOutputError, match=r"cannot write .*a_file/0000\.png"):
+        image_io.save_png(tmp_path / "a_file" / "0000.png", pixels)
+    (tmp_path / "taken.png").mkdir()  # the final name is held by a directory: the rename fails
+    with pytest.raises(image_io.ImageOutputError, match=r"cannot write .*taken\.png"):
+        image_io.save_png(tmp_path / "taken.png", pixels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "taken.png"]  # no .partial left
+    image_io.save_png(tmp_path / "ok.png", pixels)
+    assert read(tmp_path / "ok.png").shape == (4, 4, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "ok.png", "taken.png"]
 
 
 def test_missing_prompt_and_missing_weights(golden, tmp_path, capsys):
