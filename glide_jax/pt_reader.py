@@ -80,6 +80,9 @@ class _StorageType:
 
 
 class _StorageRef:
+    # No __dict__: a pickle's BUILD opcode cannot overwrite these fields with something else.
+    __slots__ = ("key", "dtype", "numel")
+
     def __init__(self, key: str, dtype: np.dtype, numel: int):
         self.key = key
         self.dtype = dtype
@@ -88,6 +91,8 @@ class _StorageRef:
 
 class _TensorRef:
     """A tensor as the pickle describes it; materialised once all storages are known."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "stands_for")
 
     def __init__(self, storage: _StorageRef, offset: int, shape: tuple, stride: tuple,
                  stands_for: _StorageRef | None = None):

@@ -4,6 +4,7 @@ import collections
 import io
 import json
 import pickle
+import pickletools
 import re
 import shutil
 import zipfile
@@ -265,6 +266,23 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, module, name, make_ar
     with pytest.raises(UnsafePickleError, match=rf"evil\.pt.*{module}\.{name}"):
         load_state_dict(path)
     assert not marker.exists()
+
+
+class _TensorWithState(_Tensor):
+    """A tensor whose pickle ends with BUILD, trying to swap the rebuilt tensor's storage."""
+
+    def __reduce__(self):
+        return super().__reduce__() + ({"storage": "not a storage", "offset": -5},)
+
+
+def test_build_opcode_cannot_rewrite_a_tensor(tmp_path):
+    s = _Storage("0", "FloatStorage", np.zeros(2, np.float32))
+    path = write_pt(tmp_path / "built.pt", {"w": _TensorWithState(s, 0, (2,), (1,))}, [s])
+    with zipfile.ZipFile(path) as zf:
+        ops = [op.name for op, _, _ in pickletools.genops(zf.read("archive/data.pkl"))]
+    assert "BUILD" in ops
+    with pytest.raises(PtFormatError, match=r"built\.pt: cannot unpickle data\.pkl"):
+        load_state_dict(path)
 
 
 def test_truncated_golden_checkpoint(golden, tmp_path):
