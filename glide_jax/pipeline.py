@@ -1,485 +1,500 @@
-"""Sampling pipeline: tokens → text encoder (once) → compiled sampling loop → images.
+"""`Pipeline`: GLIDE's models loaded once, then called with prompts.
 
-Each stage (`sample_base`, `sample_upsample`, `sample_clip_guided`) is one compiled program:
-params, tokens, keys and guidance scales enter as arguments; inside it the text encoder runs once
-per example, before the `lax.scan` of the sampler, and every step runs only the U-Net. Changing a
-scale, the seed or the prompts reuses the compiled program; changing shapes, the diffusion, the
-sampler or the device mesh compiles a new one.
+    >>> from glide_jax import Pipeline
+    >>> pipe = Pipeline.from_pretrained("demo")        # or "glide", or a directory of models
+    >>> out = pipe(["a red circle on a white background"], seed=0, guidance_scale=3.0)
+    >>> out.images[0].save("circle.png")                # PIL images; out.arrays is uint8 NHWC
+    >>> edited = pipe.inpaint("a blue square", image, mask)   # mask: white / 1 = keep
 
-Per-example semantics. The program is written for ONE example and `vmap`ped over the batch, so
-image i depends only on its own inputs and on `fold_in(key, index_i)` (x_T, and every step's
-noise in ancestral or eta > 0 sampling), where `index_i = first_index + i`. Batch size, padding
-and device count therefore do not change image i (up to float reassociation in batched kernels).
-With classifier-free guidance each example runs the model on the pair [x | x] with
-[its tokens | the empty prompt], so conditional and unconditional rows of one image are never
-split across devices, however the batch is sharded: the reference's [cond | uncond] halves are
-this same computation with the batch axis laid out the other way round.
+The path of data is prompt → tokenizer → text encoder (once) → one compiled sampling loop per
+stage (`glide_jax.stages`) → images. The pipeline owns what does not change between calls: the
+models (each loaded on first use and placed on the device mesh once), their tokenizers, the
+diffusions of each respacing, and, through `glide_jax.stages`, the compiled programs, so a second
+call with the same shapes runs without compiling.
 
-Devices. The batch axis is sharded over every device of a `parallel.make_mesh` mesh with
-`NamedSharding`, the params replicated, and the program compiled once with `jit`: XLA's
-partitioner splits the vmapped work so each device samples its own examples, and the identical
-program runs on 1 device, 8, or several hosts. `pmap` would need a per-device leading axis and
-per-device param copies managed by hand; `shard_map` buys nothing here since sampling needs no
-collective at all. Batches that do not divide the device count are padded by repeating the last
-example (same index, so the same image) and the padding is dropped afterwards.
+Sampling defaults (steps, samplers, guidance scales, where the upsampler starts) are the
+reference's notebooks' unless the model directory says otherwise in `pipeline.json`
+(`SamplingDefaults`): the bundled demo models carry their own.
 
-Precision: `dtype="bfloat16"` computes the U-Net (and CLIP) in bfloat16; params stay float32 in
-memory and are cast per layer by Flax, and the sampler state, the diffusion maths and the model's
-output head stay float32 (the output head runs in float32 inside the U-Net). That keeps the
-per-step update as precise as the float32 run; only the network activations are rounded.
-
-Results are numpy arrays (n, H, W, 3) in [-1, 1] on every process; in a multi-host run each
-process fills only the input shards of its own devices (`parallel.place`) and gathers the images
-at the end, so the CLI can let each host write its own share.
+Randomness: image i of a call is drawn from `fold_in(fold_in(key(seed), stage), first_index + i)`
+(stage 0 the base, 1 the upsampler), so the same seed gives the same images whatever the batch,
+the padding or the number of devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Mapping
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from glide_jax import clip as clip_lib
-from glide_jax import parallel
-from glide_jax.config import ModelConfig
-from glide_jax.diffusion import GaussianDiffusion
-from glide_jax.layers import resize_bilinear
-from glide_jax.sampling import classifier_free_guidance, ddim_sample, ddpm_sample, inpaint_denoised_fn
-from glide_jax.unet import GlideUNet
+from glide_jax import images as image_lib
+from glide_jax import stages
+from glide_jax.stages import PipelineError, StageTiming
 
-__all__ = ["SAMPLERS", "DTYPES", "PipelineError", "StageTiming", "prepare_params", "quantize_8bit",
-           "sample_base", "sample_upsample", "sample_clip_guided", "to_uint8", "compiled_programs"]
+__all__ = ["Pipeline", "PipelineError", "PipelineOutput", "SamplingDefaults", "DEFAULTS_FILE"]
 
-SAMPLERS = ("ddpm", "ddim")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class PipelineError(ValueError):
-    """Inputs to a sampling stage are inconsistent; the message names the argument."""
-
-
-@dataclasses.dataclass
-class StageTiming:
-    """What a stage cost: compile time (0 when the program was cached), run time, steps."""
-    compile_s: float = 0.0
-    run_s: float = 0.0
-    steps: int = 0
-    batch: int = 0
-    cached: bool = False
-
-    @property
-    def steps_per_s(self) -> float:
-        return self.steps / self.run_s if self.run_s > 0 else float("inf")
-
-
-# -- the per-example program ----------------------------------------------------------------------
+DEFAULTS_FILE = "pipeline.json"
+SENTENCEPIECE_FILE = "tokenizer.model"   # a model's own tokenizer, beside its config.json
+CLIP_TABLE_FILE = "clip_bpe_subset.json"  # a noised CLIP's own cut of CLIP's BPE (the demo's)
+GUIDANCES = ("cfg", "clip")
+FULL_CHAIN_START = 999   # the schedule's last step: the upsampler starts from pure noise
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Everything static about a stage: it selects (and keys) the compiled program."""
-    config: ModelConfig
-    dtype: str
-    diffusion: GaussianDiffusion
-    sampler: str
-    guidance: str  # "none" | "cfg" | "clip"
-    stochastic_ddim: bool
-    super_res: bool
-    inpaint: bool
-    clip_config: clip_lib.ClipConfig | None = None
-    clip_dtype: str = "float32"
+class SamplingDefaults:
+    """What `Pipeline.__call__` uses for an argument left as None: the reference's notebooks'
+    (100 base steps with classifier-free guidance 3, the upsampler's fast27 from pure noise at
+    temperature 0.997), or a model directory's `pipeline.json`."""
+    guidance_scale: float = 3.0
+    clip_guidance_scale: float = 3.0
+    sampler: str = "ddpm"
+    steps: str = "100"
+    upsample_sampler: str = "ddim"
+    # The reference's inpainting notebook upsamples with ancestral steps.
+    upsample_inpaint_sampler: str = "ddpm"
+    upsample_steps: str = "fast27"
+    upsample_start: int = FULL_CHAIN_START
+    upsample_temp: float = 0.997
+
+    @classmethod
+    def from_json(cls, path: Path) -> "SamplingDefaults":
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"{path}: not a readable JSON object of sampling defaults ({err})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            unknown = sorted(set(values) - known) if isinstance(values, dict) else values
+            raise PipelineError(f"{path}: unknown sampling default(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: (str(v) if k in ("steps", "upsample_steps") else v) for k, v in values.items()})
 
 
-def _program(spec: _Spec, params, batch, scalars, clip_params):
-    """The whole stage for the (sharded) batch: vmap of the one-example sampler."""
-    model = GlideUNet(spec.config, DTYPES[spec.dtype])
-    variables = {"params": params}
-    base_key = jax.random.wrap_key_data(scalars["key"])
-    size = spec.config.image_size
-    shape = (1, size, size, 3)
+@dataclasses.dataclass
+class PipelineOutput:
+    """What one call made: `arrays` (N, H, W, 3) uint8, image i for `prompts[i]`."""
+    arrays: np.ndarray
+    prompts: list[str]
+    negative_prompts: list[str | None]
+    seed: int
+    indices: np.ndarray                      # each image's global index (its noise)
+    settings: dict[str, Any]                 # sampler, steps, guidance... as used
+    timings: dict[str, StageTiming]          # per stage
+    base_arrays: np.ndarray | None = None    # the base stage's images, before upsampling
 
-    def one(example):
-        key = jax.random.fold_in(base_key, example["index"])
-        noise_key, loop_key = jax.random.split(key)
-        if "noise" in example:
-            x_T = example["noise"][None]
+    @property
+    def images(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in self.arrays]
+
+    def metadata(self, i: int) -> dict[str, str]:
+        """Image i's settings as strings, for PNG text chunks."""
+        info = {"prompt": self.prompts[i], "seed": str(self.seed), "index": str(int(self.indices[i]))}
+        if self.negative_prompts[i] is not None:
+            info["negative_prompt"] = self.negative_prompts[i]
+        info.update({k: str(v) for k, v in self.settings.items() if v is not None})
+        return info
+
+
+@dataclasses.dataclass
+class _Model:
+    config: Any
+    params: Any
+    tokenizer: Any
+
+
+class Pipeline:
+    """The GLIDE cascade (base → upsampler, inpainting variants, noised-CLIP guidance) of one
+    model family. Build it with `from_pretrained`; see the module docstring."""
+
+    def __init__(self, source: str | os.PathLike = "demo", *, dtype: str = "float32", mesh=None,
+                 vocab_dir: str | os.PathLike | None = None, defaults: SamplingDefaults | None = None,
+                 compile_cache: bool = True, **released_options):
+        from glide_jax import compile_cache as xla_cache
+        from glide_jax import parallel, weights
+
+        if dtype not in stages.DTYPES:
+            raise PipelineError(f"dtype must be one of {tuple(stages.DTYPES)}, got {dtype!r}")
+        self.source = str(source)
+        if self.source == "glide":
+            self.directory = None
+        elif self.source == "demo":
+            self.directory = weights.DEMO_DIR
         else:
-            x_T = jax.random.normal(noise_key, shape, jnp.float32) * scalars["temp"]
+            # A Hub repository id is resolved once, to its local snapshot, which is then a directory.
+            self.directory = weights.hub_snapshot(self.source) if weights.is_hub_id(source) else Path(source).expanduser()
+        if self.directory is not None and not self.directory.is_dir():
+            raise PipelineError(f"model source {self.source!r}: expected 'demo', 'glide' or a directory of "
+                                f"models, and {self.directory} is not a directory")
+        self.dtype, self.vocab_dir = dtype, vocab_dir
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self.defaults = defaults or self._directory_defaults()
+        self._released_options = released_options
+        self._models: dict[str, _Model] = {}
+        self._diffusions: dict[tuple, Any] = {}
+        # Compiling a stage costs seconds (demo) to a minute (GLIDE); a later process reuses it.
+        self.compile_cache = xla_cache.enable() if compile_cache else None
 
-        rows = 2 if spec.guidance == "cfg" else 1
-        conditioning = {}
-        if spec.super_res:
-            low_res = _to_unit_range(example["low_res"])[None]
-            conditioning["low_res"] = jnp.repeat(low_res, rows, 0)
-            if not spec.diffusion.starts_from_noise:
-                # A truncated chain starts from the upsampled input noised to its first step.
-                top = spec.diffusion.alphas_cumprod[-1]
-                x_T = np.sqrt(top) * resize_bilinear(low_res, size, size) + np.sqrt(1.0 - top) * x_T
-        if spec.inpaint:
-            conditioning["inpaint_image"] = jnp.repeat(example["inpaint_image"][None], rows, 0)
-            conditioning["inpaint_mask"] = jnp.repeat(example["inpaint_mask"][None], rows, 0)
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "demo", *, dtype: str = "float32", mesh=None,
+                        vocab_dir: str | os.PathLike | None = None, compile_cache: bool = True,
+                        preload: Sequence[str] = ("base", "upsample"), **released_options) -> "Pipeline":
+        """The pipeline of `source`: "demo" (the bundled demo models, offline), "glide" (the
+        released GLIDE weights, downloaded and converted once; `released_options` such as
+        `cache=`/`offline=` go to `weights.load_released`), or a directory of converted models
+        (`base/`, `upsample/`, `base_inpaint/`, `upsample_inpaint/`, `clip/`) or of the reference's
+        `.pt` files, or a Hugging Face Hub repository id ("owner/name") holding such a directory
+        (through huggingface_hub's cache; `HF_HUB_OFFLINE=1` is respected). `preload` loads those
+        models now; the others load on first use.
+        `compile_cache` keeps compiled programs on disk for later processes (`glide_jax.compile_cache`)."""
+        pipe = cls(source, dtype=dtype, mesh=mesh, vocab_dir=vocab_dir, compile_cache=compile_cache,
+                   **released_options)
+        for name in preload:
+            pipe.model(name)
+        return pipe
 
-        text = None
-        if spec.config.has_text:
-            tokens, mask = example["tokens"][None], example["mask"][None]
-            if spec.guidance == "cfg":
-                tokens = jnp.concatenate([tokens, scalars["uncond_tokens"][None]], 0)
-                mask = jnp.concatenate([mask, scalars["uncond_mask"][None]], 0)
-            # Once per example, outside the scan: each step reuses these features.
-            text = model.apply(variables, tokens, mask, method=GlideUNet.encode_text)
+    def _directory_defaults(self) -> SamplingDefaults:
+        path = None if self.directory is None else self.directory / DEFAULTS_FILE
+        return SamplingDefaults.from_json(path) if path is not None and path.is_file() else SamplingDefaults()
 
-        def model_fn(x_t, timesteps):
-            return model.apply(variables, x_t, timesteps, text, method=GlideUNet.denoise, **conditioning)
+    # -- models ---------------------------------------------------------------------------------------
 
-        if spec.guidance == "cfg":
-            paired = classifier_free_guidance(model_fn, scalars["guidance_scale"])
+    def model(self, name: str) -> _Model:
+        """Model `name` (base, upsample, base-inpaint, upsample-inpaint, clip), loaded once."""
+        if name not in self._models:
+            from glide_jax import weights
 
-            # The sampler state is only the conditional x: the reference's unconditional half of
-            # x_t is never read (the model runs on [half, half]), so it is not carried at all.
-            def guided_fn(x_t, timesteps):
-                both = paired(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([timesteps, timesteps], 0))
-                return both[:1]
+            where = "glide" if self.directory is None else ("demo" if self.source == "demo" else self.directory)
+            config, params = weights.load(where, name, dtype=np.float32, **self._released_options)
+            # A model without a text encoder (the demo upsampler) needs no vocabulary at all.
+            tokenizer = self._tokenizer(name) if name == "clip" or config.has_text else None
+            self._models[name] = _Model(config, stages.prepare_params(params, self.mesh), tokenizer)
+        return self._models[name]
+
+    def _tokenizer(self, name: str):
+        """The tokenizer a model was trained with: a `tokenizer.model` (sentencepiece) or, for a
+        noised CLIP, a `clip_bpe_subset.json` beside it (both need no download), else GLIDE's BPE
+        (CLIP's for the noised CLIP) from `vocab_dir` or the cache."""
+        from glide_jax import tokenizers, weights
+
+        here = None if self.directory is None else weights.find_converted(self.directory, name)
+        if here is not None and (here / SENTENCEPIECE_FILE).is_file():
+            return tokenizers.SentencePieceTokenizer(here / SENTENCEPIECE_FILE)
+        if name == "clip" and here is not None and (here / CLIP_TABLE_FILE).is_file():
+            return tokenizers.ClipBPETokenizer.from_table(here / CLIP_TABLE_FILE)
+        if name == "clip":
+            return tokenizers.ClipBPETokenizer(self.vocab_dir)
+        return tokenizers.GlideBPETokenizer(self.vocab_dir)
+
+    def has_model(self, name: str) -> bool:
+        """Whether `source` provides model `name` (the demo family has no upsample-inpaint model)."""
+        from glide_jax import weights
+
+        if self.directory is None or name in self._models:
+            return True
+        model = weights.RELEASED[name]
+        return weights.find_converted(self.directory, name) is not None or all(
+            (self.directory / f).is_file() for f in model.files)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return stages.SAMPLERS
+
+    @property
+    def base_size(self) -> int:
+        return self.model("base").config.image_size
+
+    @property
+    def output_size(self) -> int:
+        return self.model("upsample").config.image_size
+
+    def _diffusion(self, config, respacing, start_step: int | None = None):
+        from glide_jax.diffusion import DiffusionConfigError, diffusion_for_model  # noqa: F401
+
+        if start_step is not None and start_step >= config.diffusion_steps - 1:
+            start_step = None   # the last step: the full chain from pure noise
+        key = (config, str(respacing), start_step)
+        if key not in self._diffusions:
+            try:
+                self._diffusions[key] = diffusion_for_model(config, str(respacing), start_step=start_step)
+            except (DiffusionConfigError, ValueError) as err:
+                raise PipelineError(f"steps {respacing!r}: {err}") from None
+        return self._diffusions[key]
+
+    def _text(self, model: _Model, texts: Sequence[str], stage: str, warn):
+        if not model.config.has_text:
+            return None, None
+        tokens, mask, truncated = model.tokenizer.tokenize_batch(list(texts), model.config.text_ctx,
+                                                                  return_truncated=True)
+        distinct = list(dict.fromkeys(texts))   # one warning per prompt, not per image of it
+        for text in dict.fromkeys(texts[i] for i in np.flatnonzero(truncated)):
+            warn(f"{stage}: prompt {distinct.index(text) + 1} is longer than the model's "
+                 f"{model.config.text_ctx}-token context and was truncated: {text!r}")
+        return tokens, mask
+
+    # -- calls ----------------------------------------------------------------------------------------
+
+    def __call__(self, prompts: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
+                 negative_prompt: str | Sequence[str] | None = None, guidance: str = "cfg",
+                 guidance_scale: float | None = None, clip_guidance_scale: float | None = None,
+                 sampler: str | None = None, steps: int | str | None = None, eta: float = 0.0,
+                 upsample: bool = True, upsample_steps: int | str | None = None,
+                 upsample_sampler: str | None = None, upsample_start: int | None = None,
+                 upsample_temp: float | None = None, init_image=None, strength: float | None = None,
+                 noise=None, first_index: int = 0,
+                 progress: ProgressFn | None = None, warn: Callable[[str], None] | None = None,
+                 _inpaint: tuple | None = None) -> PipelineOutput:
+        """Text → images. `prompts` one or many; `num_images_per_prompt` images of each, image i
+        for prompt i // num_images_per_prompt. `guidance` "cfg" (classifier-free, `guidance_scale`;
+        1 samples the conditional model alone) or "clip" (the noised CLIP, `clip_guidance_scale`).
+        `negative_prompt` (one, or one per prompt) conditions classifier-free guidance's other row
+        instead of the empty prompt. `steps` an int or a respacing string ("100", "fast27",
+        "ddim50", "10,10,10"). `init_image` (a PIL image or (H, W, 3) uint8 array, or one per
+        prompt) is img2img (SDEdit): the image is noised to `strength` (0 < s <= 1, default 0.8)
+        of the chain, and `steps` are spread over that part. `noise` (N, s, s, 3) replaces the
+        base stage's x_T (for img2img, the noise added to the image). `progress(stage,
+        step, total)` is called as each step of the compiled loop runs. Arguments left None take
+        `self.defaults`."""
+        rows = _expand(prompts, num_images_per_prompt, "prompts")
+        negatives = self._negatives(negative_prompt, len(rows) // num_images_per_prompt, num_images_per_prompt)
+        seed = _check_seed(seed)
+        warn = warn or (lambda message: None)
+        import jax
+
+        key = jax.random.key(seed)
+        timings: dict[str, StageTiming] = {}
+        settings = self._settings(guidance, guidance_scale, clip_guidance_scale, sampler, steps, eta)
+        init = None
+        if init_image is not None:
+            if _inpaint is not None:
+                raise PipelineError("init_image (img2img) and inpainting do not go together")
+            settings["strength"] = _check_strength(0.8 if strength is None else strength)
+            init = np.repeat(np.stack([image_lib.image_to_array(i, self.base_size) for i in _per_prompt(
+                init_image, len(rows) // num_images_per_prompt, "init_image")]), num_images_per_prompt, 0)
+        elif strength is not None:
+            raise PipelineError("strength applies to init_image (img2img) only")
+        base = self._sample_base(rows, negatives, settings, jax.random.fold_in(key, 0), noise, first_index,
+                                 progress, warn, timings, _inpaint, init)
+        out = base
+        if upsample:
+            up = self._upsample_settings(upsample_steps, upsample_sampler, upsample_start, upsample_temp,
+                                         inpainting=_inpaint is not None)
+            settings.update(up)
+            out = self._sample_upsample(base, rows, up, jax.random.fold_in(key, 1), first_index, progress, warn,
+                                        timings, _inpaint)
+        settings["model"] = self.source
+        return PipelineOutput(stages.to_uint8(out), rows, negatives, seed,
+                              np.arange(first_index, first_index + len(rows)), settings, timings,
+                              base_arrays=stages.to_uint8(base) if upsample else None)
+
+    def inpaint(self, prompts: str | Sequence[str], image, mask, **kwargs) -> PipelineOutput:
+        """Regenerates where `mask` is black / 0 and keeps where it is white / 1, as the prompt says.
+
+        `image`: a PIL image or an (H, W, 3) uint8 array, or one per prompt; `mask`: a PIL image or
+        an (H, W) / (H, W, 1) array of the image's size, or one per prompt. Both are resized to each
+        stage's size (the mask area-averaged, then thresholded). Other arguments as `__call__`; the
+        base stage runs the inpainting base model, the upsampler the inpainting upsampler where the
+        family has one (else the plain upsampler, on the inpainted image)."""
+        n_prompts = 1 if isinstance(prompts, str) else len(prompts)
+        images = _per_prompt(image, n_prompts, "image")
+        masks = _per_prompt(mask, n_prompts, "mask")
+        for i, (img, msk) in enumerate(zip(images, masks)):
+            if img.size != msk.size:
+                raise PipelineError(f"mask {i} is {msk.size[0]}x{msk.size[1]} but its image is "
+                                    f"{img.size[0]}x{img.size[1]}; they must be the same size")
+        return self(prompts, _inpaint=(images, masks), **kwargs)
+
+    def upsample(self, low_res, prompts: str | Sequence[str] | None = None, *, seed: int = 0,
+                 steps: int | str | None = None, sampler: str | None = None, start: int | None = None,
+                 temp: float | None = None, first_index: int = 0, progress: ProgressFn | None = None,
+                 warn: Callable[[str], None] | None = None) -> PipelineOutput:
+        """Low-resolution images (N, s, s, 3), uint8 or float in [-1, 1], → the upsampler's size."""
+        import jax
+
+        low = np.asarray(low_res)
+        n = low.shape[0] if low.ndim == 4 else 0
+        rows = [""] * n if prompts is None else _expand(prompts, 1, "prompts")
+        if n == 0 or len(rows) != n:
+            raise PipelineError(f"low_res must be (N, s, s, 3) with one prompt per image, got {low.shape} "
+                                f"and {len(rows)} prompt(s)")
+        up = self._upsample_settings(steps, sampler, start, temp, inpainting=False)
+        timings: dict[str, StageTiming] = {}
+        out = self._sample_upsample(low, rows, up, jax.random.fold_in(jax.random.key(_check_seed(seed)), 1),
+                                    first_index, progress, warn or (lambda m: None), timings, None)
+        return PipelineOutput(stages.to_uint8(out), rows, [None] * n, seed, np.arange(first_index, first_index + n),
+                              dict(up, model=self.source), timings)
+
+    # -- the stages -----------------------------------------------------------------------------------
+
+    def _negatives(self, negative_prompt, n_prompts: int, repeats: int) -> list[str | None]:
+        if negative_prompt is None:
+            return [None] * (n_prompts * repeats)
+        given = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(given) != n_prompts or not all(isinstance(p, str) for p in given):
+            raise PipelineError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
+                                f"got {negative_prompt!r}")
+        return [p for p in given for _ in range(repeats)]
+
+    def _settings(self, guidance, guidance_scale, clip_guidance_scale, sampler, steps, eta) -> dict:
+        if guidance not in GUIDANCES:
+            raise PipelineError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+        d = self.defaults
+        settings = {"guidance": guidance, "sampler": sampler or d.sampler,
+                    "steps": str(steps) if steps is not None else d.steps, "eta": eta}
+        if settings["sampler"] not in stages.SAMPLERS:
+            raise PipelineError(f"sampler must be one of {stages.SAMPLERS}, got {settings['sampler']!r}")
+        if guidance == "cfg":
+            settings["guidance_scale"] = d.guidance_scale if guidance_scale is None else guidance_scale
         else:
-            guided_fn = model_fn
+            settings["clip_guidance_scale"] = d.clip_guidance_scale if clip_guidance_scale is None \
+                else clip_guidance_scale
+        return settings
 
-        denoised_fn = None
-        if spec.inpaint:
-            denoised_fn = inpaint_denoised_fn(example["inpaint_image"][None], example["inpaint_mask"][None])
-        cond_fn = None
-        if spec.guidance == "clip":
-            # The CLIP text embedding is computed once per example, before the loop.
-            text_embedding = clip_lib.encode_text(clip_params, spec.clip_config, example["clip_tokens"][None],
-                                                  example["clip_text_len"][None], dtype=spec.clip_dtype)
-            cond_fn = clip_lib.clip_cond_fn(clip_params, spec.clip_config, text_embedding,
-                                            scalars["clip_guidance_scale"], dtype=spec.clip_dtype)
+    def _upsample_settings(self, steps, sampler, start, temp, *, inpainting: bool) -> dict:
+        d = self.defaults
+        start = d.upsample_start if start is None else start
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 1 <= start <= FULL_CHAIN_START:
+            raise PipelineError(f"upsample_start must be an original timestep in [1, {FULL_CHAIN_START}], "
+                                f"got {start!r}")
+        sampler = sampler or (d.upsample_inpaint_sampler if inpainting else d.upsample_sampler)
+        if sampler not in stages.SAMPLERS:
+            raise PipelineError(f"upsample_sampler must be one of {stages.SAMPLERS}, got {sampler!r}")
+        return {"upsample_steps": str(steps) if steps is not None else d.upsample_steps,
+                "upsample_sampler": sampler, "upsample_start": int(start),
+                "upsample_temp": d.upsample_temp if temp is None else temp}
 
-        step_noise = example["step_noise"][:, None] if "step_noise" in example else None
-        common = dict(noise=x_T, step_noise=step_noise, clip_denoised=True, denoised_fn=denoised_fn,
-                      cond_fn=cond_fn)
-        if spec.sampler == "ddim":
-            eta = scalars["eta"] if spec.stochastic_ddim else 0.0
-            x0 = ddim_sample(guided_fn, spec.diffusion, shape, loop_key, eta=eta, **common)
-        else:
-            x0 = ddpm_sample(guided_fn, spec.diffusion, shape, loop_key, **common)
-        return x0[0]
+    def _sample_base(self, rows, negatives, settings, key, noise, first_index, progress, warn, timings, inpaint,
+                     init):
+        name = "base-inpaint" if inpaint is not None else "base"
+        model = self.model(name)
+        config = model.config
+        start = None if init is None else max(1, round(settings["strength"] * config.diffusion_steps) - 1)
+        diffusion = self._diffusion(config, settings["steps"], start)
+        tokens, mask = self._text(model, rows, "base", warn)
+        common = dict(diffusion=diffusion, sampler=settings["sampler"], eta=settings["eta"], dtype=self.dtype,
+                      mesh=self.mesh, noise=noise, first_index=first_index, progress=progress is not None,
+                      # At strength 1 the chain starts from pure noise: the image has no say.
+                      init_image=None if diffusion.starts_from_noise else init)
+        if inpaint is not None:
+            common.update(self._inpaint_inputs(inpaint, config.image_size, config.image_size, len(rows)))
+        timing = timings["base"] = StageTiming()
+        with self._progress("base", diffusion, progress):
+            if settings["guidance"] == "clip":
+                clip = self.model("clip")
+                for word in dict.fromkeys(w for row in rows for w in clip.tokenizer.uncovered_words(row)):
+                    warn(f"clip: {word!r} is outside the words this CLIP's tokenizer table covers; it is "
+                         f"split into smaller pieces than CLIP's BPE would give")
+                clip_tokens, clip_len = clip.tokenizer.batch_padded_and_len(rows, clip.config.max_text_len)
+                return stages.sample_clip_guided(
+                    config, model.params, tokens, mask, clip.config, clip.params, clip_tokens, clip_len, key,
+                    clip_guidance_scale=settings["clip_guidance_scale"], timing=timing, **common)
+            scale = settings["guidance_scale"]
+            uncond = self._uncond(model, negatives, warn) if scale != 1 else (None, None)
+            return stages.sample_base(config, model.params, tokens, mask, key,
+                                      guidance_scale=None if scale == 1 else scale, uncond_tokens=uncond[0],
+                                      uncond_mask=uncond[1], timing=timing, **common)
 
-    return jax.vmap(one)(batch)  # [B, H, W, 3]
+    def _uncond(self, model: _Model, negatives, warn):
+        """Classifier-free guidance's other row: the tokenizer's empty prompt (for GLIDE's BPE, the
+        reference's), or each image's negative prompt."""
+        if all(n is None for n in negatives):
+            return model.tokenizer.pad_and_mask([], model.config.text_ctx)
+        return self._text(model, [n or "" for n in negatives], "negative prompt", warn)
+
+    def _sample_upsample(self, low, rows, up, key, first_index, progress, warn, timings, inpaint):
+        name = "upsample-inpaint" if inpaint is not None and self.has_model("upsample-inpaint") else "upsample"
+        model = self.model(name)
+        diffusion = self._diffusion(model.config, up["upsample_steps"], up["upsample_start"])
+        tokens, mask = self._text(model, rows, "upsample", warn)
+        extra = {}
+        if inpaint is not None and model.config.inpaint:
+            extra = self._inpaint_inputs(inpaint, model.config.image_size, self.base_size, len(rows))
+        timing = timings["upsample"] = StageTiming()
+        with self._progress("upsample", diffusion, progress):
+            images = stages.sample_upsample(
+                model.config, model.params, low, tokens, mask, key, diffusion=diffusion, temp=up["upsample_temp"],
+                sampler=up["upsample_sampler"], dtype=self.dtype, mesh=self.mesh, first_index=first_index,
+                timing=timing, progress=progress is not None, **extra)
+        if inpaint is not None and not model.config.inpaint:
+            # A plain upsampler redraws the whole image; the kept region is the user's, so it is
+            # put back (an inpainting upsampler keeps it itself, forcing it into every step).
+            known = self._inpaint_inputs(inpaint, model.config.image_size, self.base_size, len(rows))
+            images = known["inpaint_mask"] * known["inpaint_image"] + (1 - known["inpaint_mask"]) * images
+        return images
+
+    @staticmethod
+    def _inpaint_inputs(inpaint, size: int, base_size: int, n: int) -> dict:
+        """Each prompt's image at `size` and its mask: made at the base model's size, then (for an
+        upsampler) enlarged nearest-neighbour, as the reference's cascade enlarges its 64px mask."""
+        images, masks = inpaint
+        repeats = n // len(images)
+        masks = [image_lib.mask_to_array(m, base_size) for m in masks]
+        if size != base_size:
+            masks = [image_lib.upsample_mask(m, size) for m in masks]
+        return dict(
+            inpaint_image=np.repeat(np.stack([image_lib.image_to_array(i, size) for i in images]), repeats, 0),
+            inpaint_mask=np.repeat(np.stack(masks), repeats, 0))
+
+    @staticmethod
+    def _progress(stage: str, diffusion, progress: ProgressFn | None):
+        """Turns the loop's timestep reports into (stage, step, total) calls, once per step even
+        when every device reports it."""
+        import contextlib
+
+        if progress is None:
+            return contextlib.nullcontext()
+        order = {int(t): i + 1 for i, t in enumerate(sorted(diffusion.timestep_map, reverse=True))}
+        total, reached = len(order), [0]
+
+        def on_timestep(t: int) -> None:
+            step = order.get(t, 0)
+            if step > reached[0]:
+                reached[0] = step
+                progress(stage, step, total)
+        return stages.reporting_progress(on_timestep)
 
 
-def _to_unit_range(low_res):
-    """The upsampler's input as the reference's cascade makes it: 8-bit values in [-1, 1]."""
-    if jnp.issubdtype(low_res.dtype, jnp.integer):
-        return low_res.astype(jnp.float32) / 127.5 - 1
-    return quantize_8bit(low_res)
+# -- argument checks -----------------------------------------------------------------------------------
 
 
-def quantize_8bit(images):
-    """Rounds [-1, 1] images to the 256 levels an 8-bit PNG holds, staying in [-1, 1]."""
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1) * 127.5), 0, 255) / 127.5 - 1
+def _expand(prompts, repeats, what: str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PipelineError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise PipelineError(f"num_images_per_prompt must be a positive integer, got {repeats!r}")
+    return [p for p in prompts for _ in range(repeats)]
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float images → uint8, rounded as the reference's notebooks display them."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+def _check_seed(seed) -> int:
+    # jax.random.key keeps only 32 bits without x64, so larger seeds would collide silently.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise PipelineError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
 
 
-# -- compilation and placement ----------------------------------------------------------------------
-
-# (spec, argument layout) → compiled executable. An explicit cache rather than jit's own so that
-# compile time can be reported separately from run time.
-_COMPILED: dict[Any, Any] = {}
-
-
-def compiled_programs() -> int:
-    """How many stage programs have been compiled in this process (for tests and diagnostics)."""
-    return len(_COMPILED)
-
-
-def _layout(tree) -> Any:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in leaves)
-
-
-def _run_program(spec: _Spec, args: tuple, mesh: Mesh, timing: StageTiming | None) -> jax.Array:
-    cache_key = (spec, _layout(args))
-    compiled = _COMPILED.get(cache_key)
-    start = time.perf_counter()
-    cached = compiled is not None
-    if compiled is None:
-        fn = jax.jit(lambda *a: _program(spec, *a), out_shardings=parallel.batch_sharding(mesh))
-        compiled = _COMPILED[cache_key] = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    images = compiled(*args)
-    images.block_until_ready()
-    if timing is not None:
-        timing.compile_s, timing.run_s, timing.cached = (0.0 if cached else compile_s), time.perf_counter() - start, cached
-        timing.steps = spec.diffusion.num_timesteps
-        timing.batch = int(images.shape[0])
-    return images
-
-
-def prepare_params(params, mesh: Mesh | None = None):
-    """Params replicated on every device of `mesh` (all devices when None).
-
-    Do this once and pass the result to every stage call; params already placed so are kept.
-    """
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    target = parallel.replicated_sharding(mesh)
-    leaves = jax.tree.leaves(params)
-    if leaves and all(isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(target, leaf.ndim)
-                      for leaf in leaves):
-        return params
-    if jax.process_count() == 1:
-        return jax.device_put(params, target)
-    return parallel.replicate(params, mesh)
-
-
-def _host(value, name: str) -> np.ndarray:
-    if isinstance(value, jax.Array):
-        value = parallel.to_host(value)
+def _check_strength(strength) -> float:
     try:
-        return np.asarray(value)
-    except Exception as err:
-        raise PipelineError(f"{name}: not an array ({err})") from None
-
-
-def _check_rows(batch: Mapping[str, np.ndarray]) -> int:
-    sizes = {name: int(v.shape[0]) for name, v in batch.items() if v.ndim}
-    if len(set(sizes.values())) != 1:
-        raise PipelineError(f"inputs disagree on the batch size: {sizes}")
-    n = next(iter(sizes.values()))
-    if n == 0:
-        raise PipelineError("the batch is empty (0 examples)")
-    return n
-
-
-def _execute(spec: _Spec, params, batch: dict, scalars: dict, clip_params, key, first_index: int,
-             mesh: Mesh | None, timing: StageTiming | None) -> np.ndarray:
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    n = _check_rows(batch)
-    if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)) or first_index < 0:
-        raise PipelineError(f"first_index must be a non-negative integer, got {first_index!r}")
-    batch = dict(batch, index=np.arange(first_index, first_index + n, dtype=np.uint32))
-    padded, _ = parallel.pad_batch(batch, parallel.num_batch_shards(mesh))
-    sharded = parallel.place(padded, {name: parallel.batch_sharding(mesh) for name in padded})
-    key = jnp.asarray(key)
-    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    if key_data.shape != (2,) or key_data.dtype != jnp.uint32:
-        raise PipelineError(f"key must be a single jax.random.key / PRNGKey, got shape {key_data.shape} "
-                            f"dtype {key_data.dtype}")
-    scalars = dict(scalars, key=np.asarray(key_data))
-    scalars = parallel.replicate({k: np.asarray(v) for k, v in scalars.items()}, mesh)
-    params = prepare_params(params, mesh)
-    if clip_params is not None:
-        clip_params = prepare_params(clip_params, mesh)
-    images = _run_program(spec, (params, sharded, scalars, clip_params), mesh, timing)
-    return parallel.to_host(images)[:n]
-
-
-# -- argument checks -------------------------------------------------------------------------------
-
-
-def _check_model(config, diffusion, sampler, dtype, *, super_res: bool) -> None:
-    if not isinstance(config, ModelConfig):
-        raise PipelineError(f"config must be a ModelConfig, got {type(config).__name__}")
-    if config.super_res != super_res:
-        kind = "super-resolution" if config.super_res else "base"
-        raise PipelineError(f"this stage needs a {'super-resolution' if super_res else 'base'} model, "
-                            f"got a {kind} model config")
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise PipelineError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
-    if not super_res and not diffusion.starts_from_noise:
-        raise PipelineError(f"the diffusion starts at timestep {diffusion.start_step}, not from pure noise "
-                            f"(start_step): only an upsampler has an image (its low-res input) to start from")
-    if sampler not in SAMPLERS:
-        raise PipelineError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if dtype not in DTYPES:
-        raise PipelineError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-
-
-def _check_scalar(name: str, value, *, low: float = 0.0, positive: bool = False) -> float:
-    try:
-        value = float(value)
+        value = float(strength)
     except (TypeError, ValueError):
-        raise PipelineError(f"{name} must be a number, got {value!r}") from None
-    if not np.isfinite(value) or value < low or (positive and value <= 0):
-        raise PipelineError(f"{name} must be a finite number {'>' if positive else '>='} {low}, got {value}")
+        raise PipelineError(f"strength must be a number in (0, 1], got {strength!r}") from None
+    if not 0 < value <= 1:
+        raise PipelineError(f"strength must be a number in (0, 1], got {strength!r}")
     return value
 
 
-def _text_inputs(config: ModelConfig, tokens, mask, batch: dict) -> None:
-    if not config.has_text:
-        if tokens is not None:
-            raise PipelineError("this model has no text encoder; pass tokens=None")
-        return
-    if tokens is None or mask is None:
-        raise PipelineError("this model is text-conditional: tokens and mask are required")
-    tokens, mask = _host(tokens, "tokens"), _host(mask, "mask")
-    if tokens.ndim != 2 or tokens.shape[1] != config.text_ctx or mask.shape != tokens.shape:
-        raise PipelineError(f"tokens and mask must both be (B, text_ctx={config.text_ctx}), got "
-                            f"{tokens.shape} and {mask.shape}")
-    if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= config.n_vocab:
-        raise PipelineError(f"token ids must lie in [0, {config.n_vocab}), got "
-                            f"[{tokens.min()}, {tokens.max()}]")
-    batch["tokens"], batch["mask"] = tokens.astype(np.int32), mask.astype(bool)
-
-
-def _inpaint_inputs(config: ModelConfig, inpaint_image, inpaint_mask, batch: dict) -> None:
-    if (inpaint_image is None) != (inpaint_mask is None):
-        raise PipelineError("inpainting needs both inpaint_image and inpaint_mask")
-    if inpaint_image is None:
-        if config.inpaint:
-            raise PipelineError("this is an inpainting model: pass inpaint_image and inpaint_mask")
-        return
-    if not config.inpaint:
-        raise PipelineError("inpaint_image/inpaint_mask given, but this model is not an inpainting model")
-    size = config.image_size
-    image, mask = _host(inpaint_image, "inpaint_image"), _host(inpaint_mask, "inpaint_mask")
-    if image.ndim != 4 or image.shape[1:] != (size, size, 3):
-        raise PipelineError(f"inpaint_image must be (B, {size}, {size}, 3), got {image.shape}")
-    if mask.shape != image.shape[:3] + (1,):
-        raise PipelineError(f"inpaint_mask must be (B, {size}, {size}, 1) like the image, got {mask.shape}")
-    batch["inpaint_image"] = image.astype(np.float32)
-    batch["inpaint_mask"] = mask.astype(np.float32)
-
-
-def _noise_inputs(config: ModelConfig, diffusion: GaussianDiffusion, noise, step_noise, batch):
-    size = config.image_size
-    if noise is not None:
-        noise = _host(noise, "noise")
-        if noise.ndim != 4 or noise.shape[1:] != (size, size, 3):
-            raise PipelineError(f"noise must be (B, {size}, {size}, 3), got {noise.shape}")
-        batch["noise"] = noise.astype(np.float32)
-    if step_noise is not None:
-        step_noise = _host(step_noise, "step_noise")
-        expected = (diffusion.num_timesteps,)
-        if step_noise.ndim != 5 or step_noise.shape[0] != expected[0] or step_noise.shape[2:] != (size, size, 3):
-            raise PipelineError(f"step_noise must be (steps={expected[0]}, B, {size}, {size}, 3), "
-                                f"got {step_noise.shape}")
-        # Stored per example, (B, S, H, W, C), so the batch axis leads like every other input.
-        batch["step_noise"] = np.moveaxis(step_noise, 0, 1).astype(np.float32)
-
-
-def _uncond(config: ModelConfig, uncond_tokens, uncond_mask):
-    """The empty prompt, padded: the reference's unconditional input (pad token = the end token)."""
-    if uncond_tokens is None:
-        uncond_tokens = np.full((config.text_ctx,), config.n_vocab - 1, np.int32)
-        uncond_mask = np.zeros((config.text_ctx,), bool)
-    uncond_tokens, uncond_mask = np.asarray(uncond_tokens, np.int32), np.asarray(uncond_mask, bool)
-    if uncond_tokens.shape != (config.text_ctx,) or uncond_mask.shape != (config.text_ctx,):
-        raise PipelineError(f"uncond_tokens/uncond_mask must be ({config.text_ctx},), got "
-                            f"{uncond_tokens.shape} and {uncond_mask.shape}")
-    return uncond_tokens, uncond_mask
-
-
-# -- stages --------------------------------------------------------------------------------------
-
-
-def sample_base(config: ModelConfig, params, tokens, mask, key, *, diffusion: GaussianDiffusion,
-                guidance_scale: float | None = 3.0, sampler: str = "ddpm", eta: float = 0.0,
-                dtype: str = "float32", mesh: Mesh | None = None, inpaint_image=None, inpaint_mask=None,
-                noise=None, step_noise=None, uncond_tokens=None, uncond_mask=None, first_index: int = 0,
-                timing: StageTiming | None = None) -> np.ndarray:
-    """Text → 64×64 images (B, H, W, 3) in [-1, 1] with the base (or base-inpaint) model.
-
-    `tokens`/`mask` (B, text_ctx) are one row per image. `guidance_scale` is the classifier-free
-    scale (traced: changing it does not recompile); None samples the conditional model alone.
-    The unconditional prompt is the empty prompt padded, unless `uncond_tokens`/`uncond_mask`
-    (text_ctx,) say otherwise. `inpaint_image` (B, H, W, 3) in [-1, 1] and `inpaint_mask`
-    (B, H, W, 1), 1 = known, are fed to the model and forced into every x_0 prediction.
-    `noise` (B, H, W, 3) replaces x_T and `step_noise` (S, B, H, W, 3) the per-step draws
-    (otherwise both come from `fold_in(key, first_index + i)`). `timing`, when given, is filled in.
-    """
-    _check_model(config, diffusion, sampler, dtype, super_res=False)
-    batch: dict = {}
-    _text_inputs(config, tokens, mask, batch)
-    _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, batch)
-    if not batch:
-        raise PipelineError("nothing gives the batch size: pass tokens (or noise for a text-free model)")
-    scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta))}
-    guidance = "none"
-    if guidance_scale is not None:
-        if not config.has_text:
-            raise PipelineError("classifier-free guidance needs a text-conditional model")
-        scalars["guidance_scale"] = np.float32(_check_scalar("guidance_scale", guidance_scale))
-        scalars["uncond_tokens"], scalars["uncond_mask"] = _uncond(config, uncond_tokens, uncond_mask)
-        guidance = "cfg"
-    spec = _Spec(config, dtype, diffusion, sampler, guidance, stochastic_ddim=float(eta) != 0,
-                 super_res=False, inpaint=config.inpaint)
-    return _execute(spec, params, batch, scalars, None, key, first_index, mesh, timing)
-
-
-def sample_upsample(config: ModelConfig, params, low_res, tokens, mask, key, *, diffusion: GaussianDiffusion,
-                    temp: float = 0.997, sampler: str = "ddim", eta: float = 0.0, dtype: str = "float32",
-                    mesh: Mesh | None = None, inpaint_image=None, inpaint_mask=None, noise=None,
-                    step_noise=None, first_index: int = 0, timing: StageTiming | None = None) -> np.ndarray:
-    """Low-res images → the upsampler's resolution, (B, H, W, 3) in [-1, 1].
-
-    `low_res` (B, h, w, 3) is uint8, or float in [-1, 1] which is first quantised to 8 bits as the
-    reference's cascade does. x_T is Gaussian noise times `temp` (the reference's
-    `upsample_temp`; a given `noise` is used as is). A truncated `diffusion`
-    (`GaussianDiffusion.create(..., start_step=t)`) starts instead from the bilinearly upsampled
-    input noised to step t with that noise, sqrt(abar_t) * up(low_res) + sqrt(1 - abar_t) * x_T:
-    a small upsampler's predictions at the noisiest steps are its weakest. No guidance, as in the
-    reference. Other arguments as `sample_base`.
-    """
-    _check_model(config, diffusion, sampler, dtype, super_res=True)
-    temp = _check_scalar("temp", temp, positive=True)
-    low = _host(low_res, "low_res")
-    if low.ndim != 4 or low.shape[-1] != 3:
-        raise PipelineError(f"low_res must be (B, h, w, 3), got {low.shape}")
-    if not (np.issubdtype(low.dtype, np.floating) or low.dtype == np.uint8):
-        raise PipelineError(f"low_res must be uint8 or float in [-1, 1], got {low.dtype}")
-    batch: dict = {"low_res": low}
-    _text_inputs(config, tokens, mask, batch)
-    _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, batch)
-    scalars = {"temp": np.float32(temp), "eta": np.float32(_check_scalar("eta", eta))}
-    spec = _Spec(config, dtype, diffusion, sampler, "none", stochastic_ddim=float(eta) != 0,
-                 super_res=True, inpaint=config.inpaint)
-    return _execute(spec, params, batch, scalars, None, key, first_index, mesh, timing)
-
-
-def sample_clip_guided(config: ModelConfig, params, tokens, mask, clip_config: clip_lib.ClipConfig, clip_params,
-                       clip_tokens, clip_text_len, key, *, diffusion: GaussianDiffusion,
-                       clip_guidance_scale: float = 3.0, sampler: str = "ddpm", eta: float = 0.0,
-                       dtype: str = "float32", mesh: Mesh | None = None, inpaint_image=None,
-                       inpaint_mask=None, noise=None, step_noise=None, first_index: int = 0,
-                       timing: StageTiming | None = None) -> np.ndarray:
-    """Text → images with the base model guided by the noised CLIP instead of classifier-free
-    guidance. `clip_tokens` (B, max_text_len) and `clip_text_len` (B,) come from
-    `ClipBPETokenizer.batch_padded_and_len`; the CLIP text embedding is computed once per example
-    inside the program, and each step adds the scaled image-text similarity gradient (to the mean
-    for DDPM, to eps for DDIM). Other arguments as `sample_base`.
-    """
-    _check_model(config, diffusion, sampler, dtype, super_res=False)
-    if not isinstance(clip_config, clip_lib.ClipConfig):
-        raise PipelineError(f"clip_config must be a ClipConfig, got {type(clip_config).__name__}")
-    if config.image_size != clip_config.image_size:
-        raise PipelineError(f"the CLIP sees {clip_config.image_size}px images but the model makes "
-                            f"{config.image_size}px ones")
-    if not isinstance(clip_params, Mapping) or not {"image_encoder", "text_encoder"} <= set(clip_params):
-        raise PipelineError("clip_params must hold both 'image_encoder' and 'text_encoder'")
-    batch: dict = {}
-    _text_inputs(config, tokens, mask, batch)
-    ctokens, clen = _host(clip_tokens, "clip_tokens"), _host(clip_text_len, "clip_text_len")
-    if ctokens.ndim != 2 or ctokens.shape[1] != clip_config.max_text_len or clen.shape != ctokens.shape[:1]:
-        raise PipelineError(f"clip_tokens must be (B, {clip_config.max_text_len}) and clip_text_len (B,), got "
-                            f"{ctokens.shape} and {clen.shape}")
-    if clen.min(initial=2) < 2 or clen.max(initial=2) > clip_config.max_text_len:
-        raise PipelineError(f"clip_text_len must lie in [2, {clip_config.max_text_len}]")
-    batch["clip_tokens"], batch["clip_text_len"] = ctokens.astype(np.int32), clen.astype(np.int32)
-    _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
-    _noise_inputs(config, diffusion, noise, step_noise, batch)
-    scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta)),
-               "clip_guidance_scale": np.float32(_check_scalar("clip_guidance_scale", clip_guidance_scale))}
-    spec = _Spec(config, dtype, diffusion, sampler, "clip", stochastic_ddim=float(eta) != 0,
-                 super_res=False, inpaint=config.inpaint, clip_config=clip_config, clip_dtype=dtype)
-    return _execute(spec, params, batch, scalars, dict(clip_params), key, first_index, mesh, timing)
+def _per_prompt(value, n: int, what: str) -> list:
+    """One PIL image per prompt from a PIL image, an array, or a sequence of either."""
+    single = not isinstance(value, (list, tuple)) and not (isinstance(value, np.ndarray) and (
+        value.ndim == 4 or (what == "mask" and value.ndim == 3 and value.shape[-1] != 1)))
+    values = [value] * n if single else list(value)
+    if len(values) != n:
+        raise PipelineError(f"{what}: {len(values)} given for {n} prompt(s); pass one, or one per prompt")
+    return [image_lib.as_pil(v, what) for v in values]

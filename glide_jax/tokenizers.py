@@ -7,7 +7,9 @@ All tokenizers share one interface (`Tokenizer`): `encode`, `decode`, `n_vocab`,
 
 The two BPE vocabularies are not shipped with the project: they are read from `vocab_dir` when
 given, else from `cache_dir()/vocab`, downloaded from openai/glide-text2im on first use and checked
-against pinned SHA256 hashes.
+against pinned SHA256 hashes. A model that only ever reads a small domain (the bundled demo CLIP)
+can instead ship a subset of CLIP's merges with their original ids (`ClipBPETokenizer.from_table`),
+which gives the full vocabulary's ids for the words the subset was built for and needs no download.
 
 The reference splits words with the `regex` package (`\\p{L}`, `\\p{N}`); here the same patterns
 are written for the standard `re` module with character classes built from `unicodedata`. The two
@@ -45,6 +47,7 @@ __all__ = [
     "ClipBPETokenizer",
     "SentencePieceTokenizer",
     "clip_clean",
+    "CLIP_TABLE_FORMAT",
     "VOCAB_URL",
     "VOCAB_SHA256",
     "vocab_file",
@@ -269,7 +272,10 @@ class _BPE:
         self.ranks = ranks
         self.cache: dict[str, tuple[str, ...]] = {}
 
-    def merge(self, symbols: tuple[str, ...]) -> tuple[str, ...]:
+    def merge(
+        self, symbols: tuple[str, ...], applied: list[tuple[str, str]] | None = None
+    ) -> tuple[str, ...]:
+        """The word's final pieces; each merged pair is appended to `applied` when given."""
         ranks = self.ranks
         word = list(symbols)
         while len(word) > 1:
@@ -280,6 +286,8 @@ class _BPE:
                     best, best_rank = pair, rank
             if best is None:
                 break
+            if applied is not None:
+                applied.append(best)
             first, second = best
             merged: list[str] = []
             i = 0
@@ -383,6 +391,8 @@ def _check_id(i: int, n_vocab: int) -> int:
 
 _CLIP_START, _CLIP_END = "<|startoftext|>", "<|endoftext|>"
 _CLIP_N_MERGES = 49152 - 256 - 2
+_CLIP_N_VOCAB = 512 + _CLIP_N_MERGES + 2
+CLIP_TABLE_FORMAT = "glide-jax/clip-bpe-subset/v1"
 
 
 @lru_cache(maxsize=None)
@@ -406,6 +416,90 @@ def _load_clip_tables(merges_path: Path) -> tuple[dict[str, int], list[str], _BP
     bpe = _BPE({m: r for r, m in enumerate(merges)})
     bpe.cache.update({_CLIP_START: (_CLIP_START,), _CLIP_END: (_CLIP_END,)})
     return encoder, vocab, bpe
+
+
+def _clip_base_symbols() -> list[str]:
+    base = list(_byte_to_unicode().values())
+    return base + [s + "</w>" for s in base]
+
+
+@lru_cache(maxsize=None)
+def _load_clip_table(
+    path: Path,
+) -> tuple[dict[str, int], list[str | None], _BPE, frozenset[str]]:
+    """Tables from a subset file (format `CLIP_TABLE_FORMAT`, written by demo/make_clip_tokenizer.py).
+
+    The file is JSON: `{"format", "n_vocab": 49408, "words": [...], "merges": [[id, left, right],
+    ...]}` plus optional `source` / `generated_by` notes. A merge's id is its token id in the full
+    vocabulary (512 + its rank there), so sorting by id restores CLIP's merge order. `words` are the
+    words whose whole merge path the file holds. Returns the encoder, a decoder with `None` at the
+    ids the file lacks, the BPE and the covered words.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"CLIP BPE table {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"CLIP BPE table {path} is not readable JSON: {e}") from e
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"CLIP BPE table {path}: {what}")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    required, optional = {"format", "n_vocab", "words", "merges"}, {"source", "generated_by"}
+    if missing := sorted(required - data.keys()):
+        raise bad(f"missing key(s) {missing}")
+    if unknown := sorted(data.keys() - required - optional):
+        raise bad(f"unknown key(s) {unknown}")
+    if data["format"] != CLIP_TABLE_FORMAT:
+        raise bad(f"format is {data['format']!r}, expected {CLIP_TABLE_FORMAT!r}")
+    if data["n_vocab"] != _CLIP_N_VOCAB:
+        raise bad(f"n_vocab is {data['n_vocab']!r}; CLIP's BPE has {_CLIP_N_VOCAB} tokens")
+    merges, words = data["merges"], data["words"]
+    if not isinstance(merges, list):
+        raise bad("merges must be a list of [id, left, right]")
+    if not isinstance(words, list):
+        raise bad("words must be a list of strings")
+
+    decoder: list[str | None] = [None] * _CLIP_N_VOCAB
+    base = _clip_base_symbols()
+    decoder[: len(base)] = base
+    encoder = {tok: i for i, tok in enumerate(base)}
+    ranks: dict[tuple[str, str], int] = {}
+    previous = len(base) - 1
+    for n, entry in enumerate(merges):
+        if not (
+            isinstance(entry, list) and len(entry) == 3
+            and isinstance(entry[0], int) and not isinstance(entry[0], bool)
+            and all(isinstance(part, str) and part for part in entry[1:])
+        ):
+            raise bad(f"merges[{n}] = {entry!r}: expected [id, left symbol, right symbol]")
+        idx, left, right = entry
+        if not previous < idx < _CLIP_N_VOCAB - 2:
+            raise bad(
+                f"merges[{n}] = {entry!r}: ids must increase and lie in "
+                f"[{len(base)}, {_CLIP_N_VOCAB - 2}); the previous id is {previous}"
+            )
+        # BPE creates a merge's two parts before the merge itself, so a table missing a part
+        # (or holding it at a later id) was not cut from CLIP's vocabulary.
+        for part in (left, right):
+            if part not in encoder:
+                raise bad(f"merges[{n}] = {entry!r}: {part!r} is neither a byte symbol nor an earlier merge")
+        if left + right in encoder:
+            raise bad(f"merges[{n}] = {entry!r}: {left + right!r} already has id {encoder[left + right]}")
+        encoder[left + right] = idx
+        decoder[idx] = left + right
+        ranks[(left, right)] = idx - len(base)
+        previous = idx
+    for n, word in enumerate(words):
+        if not isinstance(word, str) or not word:
+            raise bad(f"words[{n}] = {word!r}: expected a non-empty string")
+    for token, idx in ((_CLIP_START, _CLIP_N_VOCAB - 2), (_CLIP_END, _CLIP_N_VOCAB - 1)):
+        encoder[token], decoder[idx] = idx, token
+    bpe = _BPE(ranks)
+    bpe.cache.update({_CLIP_START: (_CLIP_START,), _CLIP_END: (_CLIP_END,)})
+    return encoder, decoder, bpe, frozenset(words) | {_CLIP_START, _CLIP_END}
 
 
 # Latin ligatures and digraphs that ftfy spells out (other scripts' ligatures are kept).
@@ -470,18 +564,48 @@ class ClipBPETokenizer(Tokenizer):
     Text is cleaned by `clip_clean` (the reference's cleaning, less ftfy's mojibake repair).
     `pad_and_mask` / `tokenize_batch` give the raw ids padded with zeros and a mask;
     `padded_and_len` / `batch_padded_and_len` give what the noised CLIP's text encoder takes.
+
+    `ClipBPETokenizer(vocab_dir)` reads the full vocabulary; `ClipBPETokenizer.from_table(path)`
+    reads a subset of its merges (such as demo/clip/clip_bpe_subset.json), see there.
     """
 
     def __init__(self, vocab_dir: str | os.PathLike | None = None, *, offline: bool | None = None):
         path = vocab_file("bpe_simple_vocab_16e6.txt.gz", vocab_dir, offline=offline).resolve()
-        self._encoder, self._decoder, self._bpe = _load_clip_tables(path)
+        encoder, decoder, bpe = _load_clip_tables(path)
+        self._setup(path, encoder, decoder, bpe, covered=None)
+
+    @classmethod
+    def from_table(cls, path: str | os.PathLike) -> "ClipBPETokenizer":
+        """A tokenizer from a subset of CLIP's merges that keep their original ids (no download).
+
+        Same ids, n_vocab and special tokens as the full vocabulary. Every word the table was
+        built for (its `words`, plus any single-byte word, which needs no merge) gets exactly the
+        full vocabulary's ids. Any other word still gets valid ids, but possibly smaller pieces
+        than the full vocabulary would give, so a model trained on the full vocabulary may read
+        it differently; `uncovered_words(text)` names such words. `decode` rejects ids the
+        table lacks.
+        """
+        path = Path(path).resolve()
+        tokenizer = cls.__new__(cls)
+        encoder, decoder, bpe, covered = _load_clip_table(path)
+        tokenizer._setup(path, encoder, decoder, bpe, covered)
+        return tokenizer
+
+    def _setup(self, source: Path, encoder, decoder, bpe: _BPE, covered: frozenset[str] | None):
+        self.source = source  # the vocabulary or table file, for messages
+        self._encoder, self._decoder, self._bpe, self._covered = encoder, decoder, bpe, covered
         self._pattern, _ = _clip_patterns()
         self._bytes = _byte_to_unicode()
         self._unbytes = {c: b for b, c in self._bytes.items()}
 
     @property
     def n_vocab(self) -> int:
-        return len(self._encoder)
+        return len(self._decoder)
+
+    @property
+    def is_subset(self) -> bool:
+        """True when built from a subset table (`from_table`), which covers only some words."""
+        return self._covered is not None
 
     @property
     def start_token(self) -> int:
@@ -495,6 +619,17 @@ class ClipBPETokenizer(Tokenizer):
     def pad_token(self) -> int:
         return 0
 
+    def words(self, text: str) -> list[str]:
+        """The words BPE sees in `text`: the cleaned text split by CLIP's pattern."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str, got {type(text).__name__}")
+        return self._pattern.findall(clip_clean(text))
+
+    def _symbols(self, word: str) -> tuple[str, ...]:
+        symbols = tuple(self._bytes[b] for b in word.encode("utf-8"))
+        # The last symbol carries the end-of-word marker, so merges know word boundaries.
+        return symbols[:-1] + (symbols[-1] + "</w>",)
+
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -503,16 +638,40 @@ class ClipBPETokenizer(Tokenizer):
         for word in self._pattern.findall(clip_clean(text)):
             pieces = cache.get(word)
             if pieces is None:
-                symbols = tuple(self._bytes[b] for b in word.encode("utf-8"))
-                # The last symbol carries the end-of-word marker, so merges know word boundaries.
-                symbols = symbols[:-1] + (symbols[-1] + "</w>",)
-                pieces = cache[word] = self._bpe.merge(symbols)
+                pieces = cache[word] = self._bpe.merge(self._symbols(word))
             ids.extend(self._encoder[p] for p in pieces)
         return ids
 
+    def merge_path(self, word: str) -> list[tuple[int, str, str]]:
+        """The merges `(token id, left, right)` BPE applies to one word (an item of `words`), in
+        order: what a subset table must hold for the word to get this tokenizer's ids."""
+        if word in (_CLIP_START, _CLIP_END):
+            return []
+        applied: list[tuple[str, str]] = []
+        self._bpe.merge(self._symbols(word), applied)
+        return [(self._encoder[a + b], a, b) for a, b in applied]
+
+    def uncovered_words(self, text: str) -> list[str]:
+        """The words of `text` (once each, in order) that a subset table may tokenize differently
+        from the full vocabulary: those it was not built for. Empty for the full vocabulary."""
+        if self._covered is None:
+            return []
+        uncovered = (
+            w for w in self.words(text) if w not in self._covered and len(w.encode("utf-8")) > 1
+        )
+        return list(dict.fromkeys(uncovered))
+
     def decode(self, ids: Sequence[int]) -> str:
-        chars = "".join(self._decoder[_check_id(i, self.n_vocab)] for i in ids)
-        text = bytes(self._unbytes[c] for c in chars).decode("utf-8", errors="replace")
+        pieces = []
+        for i in ids:
+            piece = self._decoder[_check_id(i, self.n_vocab)]
+            if piece is None:
+                raise ValueError(
+                    f"token id {i} is not in the CLIP BPE table {self.source}, which holds only "
+                    f"the merges of the words it was built for"
+                )
+            pieces.append(piece)
+        text = bytes(self._unbytes[c] for c in "".join(pieces)).decode("utf-8", errors="replace")
         return text.replace("</w>", " ")
 
     def padded_and_len(self, text: str, ctx: int = 77) -> tuple[np.ndarray, int]:

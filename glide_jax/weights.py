@@ -17,7 +17,8 @@ resumed by a later call after an interruption). The released files' sizes and ha
 pinned here (they could not be looked up when this was written), so a download is verified by
 the server's Content-Length (a short transfer is resumed, never accepted) and then by the
 converter, which checks every key and shape of the state dict against the config before writing
-anything. A file that fails that check is deleted, so the next call downloads it again.
+anything. A file that fails that check is kept and named in the error (a format problem is not
+fixed by downloading gigabytes again).
 
 Once the converted copy is complete the `.pt` is deleted (`keep_checkpoint=False`, the default):
 the converted copy is the cache, and keeping both would double the disk used (about 1.5 GB per
@@ -47,16 +48,19 @@ from .config import NON_ARCHITECTURE_KEYS, ConfigError, ModelConfig
 from .convert import ConversionError, convert_state_dict
 from .pt_reader import PtFormatError, load_state_dict
 
-__all__ = ["DEFAULT_BASE_URL", "WEIGHTS_URL_ENV", "RELEASED", "ReleasedModel", "WeightsError",
-           "load_local", "load_released", "released_config", "weights_dir", "weights_url"]
+__all__ = ["DEFAULT_BASE_URL", "DEMO_DIR", "WEIGHTS_URL_ENV", "RELEASED", "ReleasedModel", "WeightsError",
+           "find_converted", "hub_snapshot", "is_hub_id", "load", "load_local", "load_released", "released_config", "weights_dir",
+           "weights_url"]
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021"
 WEIGHTS_URL_ENV = "GLIDE_JAX_WEIGHTS_URL"
 
 AnyConfig = Union[ModelConfig, ClipConfig]
 
-# The configs ship in the repository's configs/ folder, beside the package.
+# The configs ship in the repository's configs/ folder, beside the package, and the bundled demo
+# models (the offline default) in its demo/ folder.
 _CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
 
 class WeightsError(RuntimeError):
@@ -117,28 +121,13 @@ def weights_dir(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache if cache is not None else download.cache_dir()) / "weights"
 
 
-# -- config checks ---------------------------------------------------------------------------------
+# -- converted copies ------------------------------------------------------------------------------
 
 
-def _resolve_config(model: ReleasedModel, config: AnyConfig | None) -> AnyConfig:
-    if config is None:
-        return released_config(model.name)
-    wanted = ClipConfig if model.is_clip else ModelConfig
-    if not isinstance(config, wanted):
-        raise WeightsError(f"{model.name!r} needs a {wanted.__name__}, got a {type(config).__name__}")
-    return config
+def _is_converted(directory: Path) -> bool:
+    from .checkpoint import is_saved_model
 
-
-def _saved_config(directory: Path, model: ReleasedModel) -> AnyConfig:
-    """The config stored beside a converted copy (raises WeightsError when it is unreadable)."""
-    path = directory / "config.json"
-    try:
-        values = json.loads(path.read_text())
-        if model.is_clip:
-            return ClipConfig.from_dict(values, source=str(path))
-        return ModelConfig.from_dict(values, source=str(path))
-    except (OSError, ValueError, TypeError) as err:  # ConfigError and JSONDecodeError are ValueErrors
-        raise WeightsError(f"{path}: not a usable {model.name} config ({err})") from None
+    return is_saved_model(directory)
 
 
 def _same_network(a: AnyConfig, b: AnyConfig) -> bool:
@@ -151,8 +140,32 @@ def _same_network(a: AnyConfig, b: AnyConfig) -> bool:
     return drop(a) == drop(b)
 
 
-def _is_converted(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and (directory / "params").is_dir()
+def _config_of(directory: Path, model: ReleasedModel) -> AnyConfig:
+    """The config stored beside a converted copy; a copy of another variant in this slot (a base
+    model as the upsampler) is refused. Raises WeightsError naming the file."""
+    path = directory / "config.json"
+    try:
+        values = json.loads(path.read_text())
+        found = (ClipConfig if model.is_clip else ModelConfig).from_dict(values, source=str(path))
+    except (OSError, ValueError, TypeError) as err:  # ConfigError and JSONDecodeError are ValueErrors
+        raise WeightsError(f"{path}: not a usable {model.name} config ({err})") from None
+    if not model.is_clip:
+        released = released_config(model.name)
+        for flag in ("inpaint", "super_res"):
+            if getattr(found, flag) != getattr(released, flag):
+                raise WeightsError(f"{directory} holds a model with {flag}={getattr(found, flag)}, but "
+                                   f"{model.name!r} has {flag}={getattr(released, flag)}")
+    return found
+
+
+def _load_params(directory: Path, dtype) -> Any:
+    from .checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(directory, dtype=dtype)[1]
+    except (CheckpointError, FileNotFoundError) as err:
+        raise WeightsError(f"cannot load the converted weights in {directory}: {err}. Delete that "
+                           f"directory to convert (or download) them again") from None
 
 
 def _cast(params: Any, dtype) -> Any:
@@ -164,16 +177,6 @@ def _cast(params: Any, dtype) -> Any:
         lambda a: a.astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, params)
 
 
-def _load_converted(directory: Path, dtype) -> Any:
-    from .checkpoint import CheckpointError, load_model
-
-    try:
-        return load_model(directory, dtype=dtype)[1]
-    except (CheckpointError, FileNotFoundError) as err:
-        raise WeightsError(f"cannot load the converted weights in {directory}: {err}. Delete that "
-                           f"directory to convert (or download) them again") from None
-
-
 def _convert_files(model: ReleasedModel, paths: list[Path], config: AnyConfig) -> Any:
     """The reference files -> float32 params (nothing written); raises WeightsError naming the file."""
     try:
@@ -183,6 +186,15 @@ def _convert_files(model: ReleasedModel, paths: list[Path], config: AnyConfig) -
     except (PtFormatError, ConversionError, ClipConversionError, ConfigError) as err:
         raise WeightsError(f"{' and '.join(map(str, paths))} cannot be converted to the {model.name} "
                            f"model: {err}") from None
+
+
+def _wanted_config(model: ReleasedModel, config: AnyConfig | None) -> AnyConfig:
+    if config is None:
+        return released_config(model.name)
+    wanted = ClipConfig if model.is_clip else ModelConfig
+    if not isinstance(config, wanted):
+        raise WeightsError(f"{model.name!r} needs a {wanted.__name__}, got a {type(config).__name__}")
+    return config
 
 
 # -- the cache ---------------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
     Raises `WeightsError` saying which file is missing or wrong, where, and how to provide it.
     """
     model = _released(name)
-    config = _resolve_config(model, config)
+    config = _wanted_config(model, config)
     root = weights_dir(cache)
     converted = root / model.converted
 
@@ -242,12 +254,12 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
         if not _is_converted(converted):
             return False
         try:
-            return _same_network(_saved_config(converted, model), config)
+            return _same_network(_config_of(converted, model), config)
         except WeightsError:  # an unreadable config.json: convert again over it
             return False
 
     if cached():
-        return config, _load_converted(converted, dtype)
+        return config, _load_params(converted, dtype)
 
     paths = [root / file for file in model.files]
     missing = [p for p in paths if not p.is_file()]
@@ -261,7 +273,7 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
 
     with _locked(root / f".{model.converted}.lock"):
         if cached():  # another process finished while we waited for the lock
-            return config, _load_converted(converted, dtype)
+            return config, _load_params(converted, dtype)
         for path, size in zip(paths, model.sizes):
             url = weights_url(path.name, base_url)
             try:
@@ -273,11 +285,11 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
         try:
             params = _convert_files(model, paths, config)
         except WeightsError as err:
-            for path in paths:  # a complete file that does not convert is no use to a later call
-                path.unlink(missing_ok=True)
-            raise WeightsError(f"{err}\nDeleted the downloaded file(s); the next call downloads "
-                               f"them again from {weights_url(model.files[0], base_url)}"
-                               f"{' and its sibling' if len(paths) > 1 else ''}.") from None
+            # Kept: the download was complete (its size checked), so a format problem or a config
+            # mismatch is fixed by the user or a newer glide-jax, never by fetching gigabytes again.
+            kept = " and ".join(str(p) for p in paths)
+            raise WeightsError(f"{err}\nThe downloaded file(s) are kept at {kept}; delete them to "
+                               f"download again from {weights_url(model.files[0], base_url)}.") from None
         _save_converted(converted, params, config)
         if not keep_checkpoint:
             for path in paths:
@@ -301,46 +313,45 @@ def _save_converted(directory: Path, params: Any, config: AnyConfig) -> None:
 # -- a directory given by the user -------------------------------------------------------------------
 
 
-def _check_variant(model: ReleasedModel, found: AnyConfig, where: Path) -> None:
-    """Refuse a converted model of another variant in this slot (a base model as the upsampler)."""
-    if model.is_clip:
-        return
-    released = released_config(model.name)
-    for flag in ("inpaint", "super_res"):
-        if getattr(found, flag) != getattr(released, flag):
-            raise WeightsError(f"{where} holds a model with {flag}={getattr(found, flag)}, but "
-                               f"{model.name!r} has {flag}={getattr(released, flag)}")
+def find_converted(path: str | os.PathLike, name: str) -> Path | None:
+    """The converted copy of model `name` in a user's directory: `path` itself when it is one of
+    that variant, else `path/<name>/` (`base_inpaint/` and `base-inpaint/` both work); None when
+    there is none (the reference's `.pt` files may still be there)."""
+    model = _released(name)
+    directory = Path(path).expanduser()
+    for candidate in dict.fromkeys((directory, directory / model.converted, directory / model.name)):
+        if not _is_converted(candidate):
+            continue
+        if candidate == directory:
+            try:
+                _config_of(candidate, model)
+            except WeightsError:
+                continue  # `path` is some other converted model; look inside it
+        return candidate
+    return None
 
 
 def load_local(path: str | os.PathLike, name: str, *, config: AnyConfig | None = None,
                dtype=None) -> tuple[AnyConfig, Any]:
     """`(config, params)` of model `name` from a directory the user provides (`--checkpoint-dir`).
 
-    Looked for, in order: `path` itself when it is a converted model; a converted copy
-    `path/<name>/` (`base_inpaint/` and `base-inpaint/` both work); the reference's file(s)
-    `path/<file>.pt`, converted in memory (nothing is written to `path`). A converted copy brings
-    its own config (it may be a fine-tuned or smaller model), which must be of the same variant;
-    with `config` given it must equal it. Never touches the network.
+    A converted copy (`find_converted`) brings its own config (it may be a fine-tuned or smaller
+    model), which must be of the same variant; with `config` given it must equal it. Otherwise the
+    reference's file(s) `path/<file>.pt` are converted in memory (nothing is written to `path`).
+    Never touches the network.
     """
     model = _released(name)
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise WeightsError(f"checkpoint directory {directory} does not exist or is not a directory")
-    for candidate in dict.fromkeys((directory, directory / model.converted, directory / model.name)):
-        if not _is_converted(candidate):
-            continue
-        try:
-            found = _saved_config(candidate, model)
-        except WeightsError:
-            if candidate == directory:
-                continue  # `path` is some other converted model; look inside it
-            raise
-        if config is not None and not _same_network(found, _resolve_config(model, config)):
-            raise WeightsError(f"{candidate} holds a model whose config differs from the one asked for")
-        _check_variant(model, found, candidate)
-        return found, _load_converted(candidate, dtype)
+    converted = find_converted(directory, name)
+    if converted is not None:
+        found = _config_of(converted, model)
+        if config is not None and not _same_network(found, _wanted_config(model, config)):
+            raise WeightsError(f"{converted} holds a model whose config differs from the one asked for")
+        return found, _load_params(converted, dtype)
 
-    config = _resolve_config(model, config)
+    config = _wanted_config(model, config)
     paths = [directory / file for file in model.files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -349,3 +360,51 @@ def load_local(path: str | os.PathLike, name: str, *, config: AnyConfig | None =
             f"no {name!r} weights in {directory}: expected a converted copy {directory / model.converted}/ "
             f"or the reference's file(s); missing {wanted}")
     return config, _cast(_convert_files(model, paths, config), dtype)
+
+
+# -- the one resolver ----------------------------------------------------------------------------------
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hugging Face Hub repository ("owner/name") rather than a local path."""
+    text = str(source)
+    return (not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in text.split("/")))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """A local copy of Hub repository `repo_id` (a directory of converted models), through
+    huggingface_hub's cache: downloaded once, and with `HF_HUB_OFFLINE=1` only read from the cache."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise WeightsError(f"{repo_id!r} looks like a Hugging Face Hub repository, but huggingface_hub is not "
+                           f"installed (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise WeightsError(f"the Hub repository {repo_id!r} is not in the local Hugging Face cache and it cannot "
+                           f"be downloaded (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}, or no "
+                           f"network): {' '.join(str(err).split())[:300]}") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise WeightsError(f"cannot get the Hub repository {repo_id!r}: {' '.join(str(err).split())[:300]}") from None
+
+
+def load(source: str | os.PathLike, name: str, *, dtype=None, **released_options) -> tuple[AnyConfig, Any]:
+    """`(config, params)` of model `name` from `source`: "glide" (the released weights, downloaded
+    and converted once; `released_options` go to `load_released`), "demo" (the bundled demo
+    models), a directory of converted models (orbax or safetensors) or of the reference's `.pt`
+    files, or a Hugging Face Hub repository id ("owner/name") holding such a directory."""
+    if str(source) == "glide":
+        return load_released(name, dtype=dtype, **released_options)
+    if released_options:
+        raise WeightsError(f"{sorted(released_options)} apply to the released weights only")
+    directory = DEMO_DIR if str(source) == "demo" else (
+        hub_snapshot(str(source)) if is_hub_id(source) else Path(source))
+    if str(source) == "demo" and find_converted(directory, name) is None:
+        raise WeightsError(
+            f"the bundled demo model {name!r} is missing: expected {directory / _released(name).converted}/ "
+            f"with config.json and params/ (see demo/REPRODUCE.md to rebuild it); 'glide' uses the "
+            f"released GLIDE weights")
+    return load_local(directory, name, dtype=dtype)

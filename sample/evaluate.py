@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sample import generate
+
 from glide_jax import shapes
 
 CFG_SCALES = (1.0, 3.0, 5.0, 8.0)
@@ -178,70 +180,23 @@ def heldout_by_objects(prompts: list[Prompt], judgements: list[dict]) -> dict:
 # -- models ----------------------------------------------------------------------------------------
 
 
-class DemoModels:
-    """The bundled demo models (loaded through the CLI's model choice, so evaluated as shipped)."""
-
-    def __init__(self, source):
-        from glide_jax import parallel, pipeline
-
-        self.source = source
-        self.mesh = parallel.make_mesh()
-        self._cache = {}
-        self.pipeline = pipeline
-
-    def get(self, name):
-        if name not in self._cache:
-            config, params = self.source.load(name)
-            self._cache[name] = (config, self.pipeline.prepare_params(params, self.mesh))
-        return self._cache[name]
-
-
-def _diffusion(config, respacing, start_step=None):
-    from sample.generate import diffusion_for
-
-    return diffusion_for(config, respacing, start_step)
-
-
-def _text(source, name, config, captions):
-    tokenizer = source.tokenizer(name)
-    tokens, mask = tokenizer.tokenize_batch(captions, config.text_ctx)
-    uncond = tokenizer.pad_and_mask([], config.text_ctx)
-    return tokens, mask, uncond
-
-
-def sample_condition(models: DemoModels, captions, seeds, *, respacing, guidance, scale=None,
+def sample_condition(pipe, captions, seeds, *, respacing, guidance, scale=None,
                      inpaint_image=None, inpaint_mask=None, sampler="ddpm"):
-    """uint8 (N*M, S, S, 3) images: prompt-major, seed-minor, x_T of image (p, s) fixed by (p, s)."""
+    """uint8 (N*M, S, S, 3) base-model images: prompt-major, seed-minor, x_T of image (p, s) fixed by (p, s)."""
     import jax
 
-    name = "base-inpaint" if inpaint_image is not None else "base"
-    config, params = models.get(name)
-    rows = [c for c in captions for _ in seeds]
-    tokens, mask, (uncond_t, uncond_m) = _text(models.source, name, config, rows)
-    size = config.image_size
+    size = pipe.base_size
     # x_T of image (p, s) comes from (seed s, prompt p): every condition starts prompt p from the same
     # noise (a paired comparison), while different prompts get independent draws, so the images of
     # one condition are independent samples, as the confidence intervals assume.
     noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), p), (size, size, 3)))
                       for p in range(len(captions)) for s in seeds])
-    extra = {}
+    options = dict(seed=int(seeds[0]), num_images_per_prompt=len(seeds), steps=respacing, sampler=sampler,
+                   guidance=guidance, noise=noise, upsample=False)
+    options["clip_guidance_scale" if guidance == "clip" else "guidance_scale"] = 1.0 if scale is None else scale
     if inpaint_image is not None:
-        extra = dict(inpaint_image=np.repeat(inpaint_image, len(seeds), 0),
-                     inpaint_mask=np.repeat(inpaint_mask, len(seeds), 0))
-    key = jax.random.key(int(seeds[0]))
-    common = dict(diffusion=_diffusion(config, respacing), sampler=sampler, mesh=models.mesh, noise=noise,
-                  **extra)
-    if guidance == "clip":
-        clip_config, clip_params = models.get("clip")
-        clip_tok = models.source.tokenizer("clip")
-        ct, cl = clip_tok.batch_padded_and_len(rows, clip_config.max_text_len)
-        out = models.pipeline.sample_clip_guided(config, params, tokens, mask, clip_config, clip_params, ct, cl,
-                                                 key, clip_guidance_scale=scale, **common)
-    else:
-        out = models.pipeline.sample_base(config, params, tokens, mask, key,
-                                          guidance_scale=None if scale in (None, 1.0) else scale,
-                                          uncond_tokens=uncond_t, uncond_mask=uncond_m, **common)
-    return models.pipeline.to_uint8(out)
+        return pipe.inpaint(captions, list(inpaint_image), list(inpaint_mask), **options).arrays
+    return pipe(captions, **options).arrays
 
 
 # -- inpainting cases ------------------------------------------------------------------------------
@@ -366,7 +321,7 @@ def _parse_args(argv):
                    help="keep only the held-out part of the prompt set (its first quarter): a four times "
                         "larger sample of held-out pairs for the same sampling time")
     p.add_argument("--respacing", default=None, help="base steps (default: the CLI's demo default)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
+    p.add_argument("--sampler", choices=generate.SAMPLER_CHOICES, default=None, help="default: the CLI's demo default")
     p.add_argument("--scales", default=",".join(str(s) for s in CFG_SCALES), help="CFG scales")
     p.add_argument("--clip-scale", type=float, default=None,
                    help="CLIP guidance scale (default: the CLI's demo default); 0 skips CLIP")
@@ -374,7 +329,7 @@ def _parse_args(argv):
     p.add_argument("--inpaint-scale", type=float, default=3.0, help="CFG scale for inpainting")
     p.add_argument("--upsample", type=int, default=16, help="upsampler test images (0 skips)")
     p.add_argument("--upsample-respacing", default=None, help="default: the CLI's demo default")
-    p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"), default=None, help="default: the CLI's demo default")
+    p.add_argument("--upsample-sampler", choices=generate.SAMPLER_CHOICES, default=None, help="default: the CLI's demo default")
     p.add_argument("--upsample-start", type=int, default=None,
                    help="original timestep the upsampler starts from (999: pure noise); default: the CLI's demo default")
     p.add_argument("--grid", default="demo/guidance_grid.png", help="guidance grid image ('' skips)")
@@ -386,20 +341,28 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def evaluate(args, log=print) -> dict:
-    from sample import generate
-    from sample.generate import ModelSource
-    from sample.images import make_grid, save_png
+def _demo_pipeline(args):
+    """The demo models as `python -m sample.generate` samples them; the options left unset take
+    the models' own sampling defaults (demo/pipeline.json)."""
+    from glide_jax.pipeline import FULL_CHAIN_START, Pipeline
 
-    # Evaluate what `python -m sample.generate` does by default unless told otherwise.
-    args.respacing = args.respacing or generate.DEMO_RESPACING
-    args.sampler = args.sampler or generate.DEMO_SAMPLER
-    args.upsample_respacing = args.upsample_respacing or generate.DEMO_UPSAMPLE_RESPACING
-    args.upsample_sampler = args.upsample_sampler or generate.DEMO_UPSAMPLE_SAMPLER
+    pipe = Pipeline(args.demo_dir or "demo")
+    d = pipe.defaults
+    args.respacing = args.respacing or d.steps
+    args.sampler = args.sampler or d.sampler
+    args.upsample_respacing = args.upsample_respacing or d.upsample_steps
+    args.upsample_sampler = args.upsample_sampler or d.upsample_sampler
     if args.upsample_start is None:
-        args.upsample_start = generate.DEMO_UPSAMPLE_START
-    if not 1 <= args.upsample_start <= generate.FULL_CHAIN_START:
-        raise SystemExit(f"error: --upsample-start must be in [1, {generate.FULL_CHAIN_START}], got {args.upsample_start}")
+        args.upsample_start = d.upsample_start
+    if not 1 <= args.upsample_start <= FULL_CHAIN_START:
+        raise SystemExit(f"error: --upsample-start must be in [1, {FULL_CHAIN_START}], got {args.upsample_start}")
+    if args.clip_scale is None:
+        args.clip_scale = d.clip_guidance_scale
+    return pipe
+
+
+def evaluate(args, log=print) -> dict:
+    pipe = _demo_pipeline(args)
 
     if args.prompts < 1 or args.seeds < 1:
         raise SystemExit("error: --prompts and --seeds must be at least 1")
@@ -424,12 +387,11 @@ def evaluate(args, log=print) -> dict:
     if results["ground_truth"]["all"]["k"] != len(prompts):
         raise SystemExit("error: the analyser misreads ground-truth renders; model scores would be meaningless")
 
-    models = DemoModels(ModelSource("demo", demo_dir=args.demo_dir or generate.DEMO_DIR))
     grid_rows, all_checks = {}, {}
 
     def run(name, **kw):
         start = time.perf_counter()
-        images = sample_condition(models, captions, seeds, respacing=args.respacing, sampler=args.sampler, **kw)
+        images = sample_condition(pipe, captions, seeds, respacing=args.respacing, sampler=args.sampler, **kw)
         judged = [prompts[i // len(seeds)] for i in range(len(images))]
         judgements = [judge(prompt, img) for prompt, img in zip(judged, images)]
         entry = {"metrics": summarise(judgements), "heldout_by_objects": heldout_by_objects(judged, judgements),
@@ -446,7 +408,7 @@ def evaluate(args, log=print) -> dict:
 
     for scale in scales:
         run(UNGUIDED if scale == 1 else f"CFG {scale:g}", guidance="cfg", scale=scale)
-    clip_scale = generate.DEMO_CLIP_GUIDANCE_SCALE if args.clip_scale is None else args.clip_scale
+    clip_scale = args.clip_scale
     if clip_scale > 0:
         clip_name = f"CLIP guidance {clip_scale:g}"
         run(clip_name, guidance="clip", scale=clip_scale)
@@ -456,70 +418,75 @@ def evaluate(args, log=print) -> dict:
             if name not in (clip_name, UNGUIDED)}
 
     if args.inpaint > 0:
-        ip_prompts, ip_images, ip_masks = inpaint_cases(args.inpaint)
-        start = time.perf_counter()
-        out = sample_condition(models, [p.caption for p in ip_prompts], seeds, respacing=args.respacing,
-                               sampler=args.sampler, guidance="cfg", scale=args.inpaint_scale,
-                               inpaint_image=ip_images.astype(np.float32) / 127.5 - 1, inpaint_mask=ip_masks)
-        followed, kept, changes = [], [], []
-        for i, img in enumerate(out):
-            p = i // len(seeds)
-            followed.append(judge(ip_prompts[p], img)["all"])
-            keep = ip_masks[p][..., 0] > 0
-            change = float(np.abs(img.astype(np.float64) - ip_images[p])[keep].mean())
-            changes.append(change)
-            kept.append(change <= KEEP_TOLERANCE)
-        results["inpaint"] = {"n": args.inpaint, "guidance_scale": args.inpaint_scale,
-                              "followed": proportion(followed), "kept": proportion(kept),
-                              "max_kept_change": max(changes), "seconds": time.perf_counter() - start}
+        results["inpaint"] = evaluate_inpainting(pipe, args, seeds)
         log(f"inpainting: followed {_pct(results['inpaint']['followed'])}, kept {_pct(results['inpaint']['kept'])}")
 
     if args.upsample > 0:
-        results["upsample"] = evaluate_upsampler(models, args.upsample, args.upsample_respacing,
+        results["upsample"] = evaluate_upsampler(pipe, args.upsample, args.upsample_respacing,
                                                  args.upsample_sampler, args.upsample_start)
         u = results["upsample"]
         log(f"upsampler PSNR {u['model']['psnr']['mean']:.2f} dB vs bicubic {u['bicubic']['psnr']['mean']:.2f} dB")
 
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out_dir / "results.md").write_text(markdown(results))
-    if args.grid and grid_rows:
-        # Rows: prompts; columns: the conditions in order (CFG scales, then CLIP).
-        columns = list(grid_rows)
-        cells = np.stack([grid_rows[c][r] for r in range(len(grid_rows[columns[0]])) for c in columns])
-        grid = make_grid(cells, columns=len(columns))
-        save_png(args.grid, np.kron(grid, np.ones((2, 2, 1), np.uint8)))
-        (out_dir / "grid_prompts.txt").write_text(
-            "columns: " + " | ".join(columns) + "\n" + "\n".join(captions[:len(grid_rows[columns[0]])]) + "\n")
+    _write(out_dir, results, args.grid, grid_rows, captions)
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return results
 
 
-def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str, start: int) -> dict:
-    """The upsampler on `n` ground-truth 32 px renders against their 64 px renders, as the CLI runs
-    it (`sampler` from timestep `start`) and, when that is a truncated chain, from pure noise too."""
-    import jax
+def _write(out_dir: Path, results: dict, grid: str, grid_rows: dict, captions: list[str]) -> None:
+    from sample.images import make_grid, save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    if grid and grid_rows:
+        # Rows: prompts; columns: the conditions in order (CFG scales, then CLIP).
+        columns = list(grid_rows)
+        cells = np.stack([grid_rows[c][r] for r in range(len(grid_rows[columns[0]])) for c in columns])
+        image = make_grid(cells, columns=len(columns))
+        save_png(grid, np.kron(image, np.ones((2, 2, 1), np.uint8)))
+        (out_dir / "grid_prompts.txt").write_text(
+            "columns: " + " | ".join(columns) + "\n" + "\n".join(captions[:len(grid_rows[columns[0]])]) + "\n")
+
+
+def evaluate_inpainting(pipe, args, seeds) -> dict:
+    """Two-object scenes with one object masked out and another asked for there: is it drawn, and
+    does the kept region stay put?"""
+    ip_prompts, ip_images, ip_masks = inpaint_cases(args.inpaint)
+    start = time.perf_counter()
+    out = sample_condition(pipe, [p.caption for p in ip_prompts], seeds, respacing=args.respacing,
+                           sampler=args.sampler, guidance="cfg", scale=args.inpaint_scale,
+                           inpaint_image=ip_images.astype(np.float32) / 127.5 - 1, inpaint_mask=ip_masks)
+    followed, kept, changes = [], [], []
+    for i, img in enumerate(out):
+        p = i // len(seeds)
+        followed.append(judge(ip_prompts[p], img)["all"])
+        keep = ip_masks[p][..., 0] > 0
+        change = float(np.abs(img.astype(np.float64) - ip_images[p])[keep].mean())
+        changes.append(change)
+        kept.append(change <= KEEP_TOLERANCE)
+    return {"n": args.inpaint, "guidance_scale": args.inpaint_scale,
+            "followed": proportion(followed), "kept": proportion(kept),
+            "max_kept_change": max(changes), "seconds": time.perf_counter() - start}
+
+
+def evaluate_upsampler(pipe, n: int, respacing: str, sampler: str, start: int) -> dict:
+    """The upsampler on `n` ground-truth renders at half its size against renders at its size, as
+    the CLI runs it (`sampler` from timestep `start`) and, when that is a truncated chain, from pure
+    noise too."""
     from PIL import Image
 
-    from sample.generate import FULL_CHAIN_START
+    from glide_jax.pipeline import FULL_CHAIN_START
 
-    config, params = models.get("upsample")
+    size = pipe.output_size
     scenes = [shapes.scene_at(99, i, "heldout" if i % 4 == 0 else "train") for i in range(n)]
-    low = np.stack([s.render(config.image_size // 2) for s in scenes])
-    high = np.stack([s.render(config.image_size) for s in scenes])
-    tokens = mask = None
-    if config.has_text:
-        captions = [s.caption(np.random.default_rng(i)) for i, s in enumerate(scenes)]
-        tokens, mask, _ = _text(models.source, "upsample", config, captions)
-    size = config.image_size
+    low = np.stack([s.render(size // 2) for s in scenes])
+    high = np.stack([s.render(size) for s in scenes])
+    captions = [s.caption(np.random.default_rng(i)) for i, s in enumerate(scenes)]
     outputs = {"bicubic": np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in low])}
     starts = {"model": start, "model_full_chain": FULL_CHAIN_START} if start < FULL_CHAIN_START else {"model": start}
     for name, first in starts.items():
-        out = models.pipeline.sample_upsample(
-            config, params, low.astype(np.float32) / 127.5 - 1, tokens, mask, jax.random.key(0),
-            diffusion=_diffusion(config, respacing, first), sampler=sampler, temp=0.997, mesh=models.mesh)
-        outputs[name] = models.pipeline.to_uint8(out)
+        outputs[name] = pipe.upsample(low, captions, steps=respacing, sampler=sampler, start=first, temp=0.997).arrays
     result = {"n": n, "respacing": respacing, "sampler": sampler, "start": start}
     for name, images in outputs.items():
         result[name] = {"psnr": mean_interval([psnr(a, b) for a, b in zip(images, high)]),
@@ -530,17 +497,11 @@ def evaluate_upsampler(models: DemoModels, n: int, respacing: str, sampler: str,
 
 
 def main(argv=None) -> int:
-    from sample import generate
-
     args = _parse_args(argv)
     try:
         evaluate(args)
     except Exception as err:
-        message = generate.bad_input_message(err)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return generate.EXIT_BAD_INPUT
+        return generate.handle_error(err, "sample.evaluate")
     return 0
 
 

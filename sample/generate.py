@@ -2,7 +2,7 @@
 
     python -m sample.generate --prompt "a red circle on a white background"
     python -m sample.generate --model glide --prompt "an oil painting of a corgi" --batch-size 4 --out out/
-    python -m sample.generate --prompt-file prompts.txt --respacing 100 --upsample-steps fast27
+    python -m sample.generate --prompts-file prompts.txt --max-batch 8 --respacing 100 --upsample-steps fast27
     python -m sample.generate --prompt "a corgi in a field" --inpaint-image grass.png --inpaint-mask mask.png
     python -m sample.generate --prompt "a red cube" --guidance clip --clip-guidance-scale 3
 
@@ -21,15 +21,17 @@ Writes `OUT/NNNN.png` (image NNNN = prompt index × batch size + repeat) and `OU
 
 A model that is asked for and missing is an error; neither kind ever stands in for the other.
 
-Progress is reported per stage (compile time, sampling time, steps/s): each stage is one compiled
-program, and a per-step host callback would cost a device→host synchronisation every step and
-fire once per device under sharding, for a number the per-stage time already gives.
+A progress bar per stage follows the compiled loop step by step (a host callback per step;
+`--quiet` turns it off), then each stage reports its compile time, sampling time and steps/s.
+Each PNG carries its prompt, negative prompt, seed, sampler, steps, guidance and model as PNG
+text chunks; `--json` prints a machine-readable summary on stdout.
 
 Multi-process: start one copy per host with GLIDE_COORDINATOR_ADDRESS, GLIDE_NUM_PROCESSES and
 GLIDE_PROCESS_ID set; all hosts sample together and each writes its share of the images
 (image i on process i mod process count); process 0 writes the grid.
 
-Exit codes: 0 done, 2 bad input (one line on stderr).
+Exit codes: 0 done, 2 bad input (one `error:` line on stderr: a flag, a file, missing or
+unconvertible weights, a download), 1 a bug (one line saying where its traceback was written).
 """
 
 from __future__ import annotations
@@ -43,31 +45,15 @@ from pathlib import Path
 import numpy as np
 
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 1
 
-# The reference's notebooks: 100 base steps, 27 upsampler steps.
-DEFAULT_RESPACING = "100"
-DEFAULT_UPSAMPLE_RESPACING = "fast27"
-# The demo models: 50 + 25 steps keep the whole cascade well under a minute on two CPU cores.
-# The base samples with ancestral (DDPM) steps. The small upsampler runs deterministic DDIM from
-# its input noised to t=500 rather than from pure noise: its eps predictions at the noisiest steps
-# are too coarse to hold the input's colours (measured with `python -m sample.evaluate`, see
-# demo/REPRODUCE.md).
-DEMO_RESPACING = "50"
-DEMO_UPSAMPLE_RESPACING = "25"
-DEMO_SAMPLER = "ddpm"
-DEMO_UPSAMPLE_SAMPLER = "ddim"
-DEMO_UPSAMPLE_START = 500
-# The reference's CLIP-guided notebook guides at 3. The demo scale was tuned with item 9's two-run
-# CLIP (demo/REPRODUCE.md) on the evaluation's tuning prompts (192 prompts of prompt seed 777, one
-# seed): every check of a caption right in 84.9% of images at 10 and at 20, 83.3% at 30 (unguided
-# 79.2%), relations 83 / 86 / 92%, held-out pairs 75 / 79 / 75%; 20 gives the best colours and
-# held-out pairs. It was kept, not re-tuned, for the three-run CLIP bundled now (88.0% there).
-DEFAULT_CLIP_GUIDANCE_SCALE = 3.0
-DEMO_CLIP_GUIDANCE_SCALE = 20.0
-FULL_CHAIN_START = 999   # the schedule's last step: the upsampler starts from pure noise
-DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+# What the help text quotes; the values in force come from the chosen models' Pipeline defaults
+# (glide_jax.pipeline.SamplingDefaults: the reference's, or demo/pipeline.json for the demo).
+DEFAULTS = "(default: the model family's; GLIDE: %s, demo: %s)"
 MODEL_CHOICES = ("demo", "glide")
 MATMUL_PRECISIONS = ("default", "high", "highest")
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++2s")   # glide_jax.sampling.SAMPLERS, without importing jax
+FULL_CHAIN_START = 999
 
 
 class InputError(Exception):
@@ -82,40 +68,44 @@ class _Parser(argparse.ArgumentParser):
 def _parse_args(argv):
     p = _Parser(prog="python -m sample.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; '' is unconditional)")
-    p.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines are skipped)")
+    p.add_argument("--prompts-file", "--prompt-file", dest="prompt_file",
+                   help="a text file with one prompt per line (blank lines are skipped)")
+    p.add_argument("--negative-prompt", help="condition classifier-free guidance's other row on this text "
+                                             "instead of the empty prompt")
     p.add_argument("--model", choices=MODEL_CHOICES,
                    help="demo: the bundled shapes models in demo/ (default); glide: the released GLIDE "
                         "weights (downloaded once), or converted ones from --checkpoint-dir (which implies it)")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--max-batch", type=int, help="sample at most this many images at once, in equal chunks "
+                                                 "(one compiled program; the images do not change)")
     p.add_argument("--guidance", choices=("cfg", "clip"), default="cfg",
                    help="classifier-free guidance (cfg) or noised-CLIP guidance (clip)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (>= 0)")
-    p.add_argument("--clip-guidance-scale", type=float,
-                   help=f"CLIP guidance scale (>= 0; default {DEFAULT_CLIP_GUIDANCE_SCALE:g}; demo {DEMO_CLIP_GUIDANCE_SCALE:g})")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (>= 0) " + DEFAULTS % (3, 3))
+    p.add_argument("--clip-guidance-scale", type=float, help="CLIP guidance scale (>= 0) " + DEFAULTS % (3, 20))
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="base sampling steps (evenly respaced)")
-    steps.add_argument("--respacing", help=f"base timestep respacing, e.g. 100, 10,10,10, ddim50, fast27 "
-                                           f"(default {DEFAULT_RESPACING}; demo {DEMO_RESPACING})")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"),
-                   help=f"base sampler (default ddpm; demo {DEMO_SAMPLER})")
+    steps.add_argument("--respacing", help="base timestep respacing, e.g. 100, 10,10,10, ddim50, fast27 "
+                                           + DEFAULTS % (100, 50))
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="base sampler " + DEFAULTS % ("ddpm", "ddpm"))
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (>= 0; 0 is deterministic)")
     up = p.add_mutually_exclusive_group()
     up.add_argument("--upsample", dest="upsample", action="store_true", default=True,
                     help="run the upsampler after the base model (default)")
     up.add_argument("--no-upsample", dest="upsample", action="store_false", help="stop at the base model")
-    p.add_argument("--upsample-steps",
-                   help=f"upsampler steps or respacing, e.g. 27 or fast27 (default {DEFAULT_UPSAMPLE_RESPACING}; "
-                        f"demo {DEMO_UPSAMPLE_RESPACING})")
+    p.add_argument("--upsample-steps", help="upsampler steps or respacing, e.g. 27 or fast27 "
+                                            + DEFAULTS % ("fast27", 25))
     p.add_argument("--upsample-temp", type=float, default=0.997, help="upsampler noise temperature (> 0)")
     p.add_argument("--upsample-start", type=int,
                    help="start the upsampler at this original timestep (1-999) from the base image upsampled and "
-                        "noised to it, instead of from pure noise (999, the reference's way; default 999, "
-                        f"demo {DEMO_UPSAMPLE_START})")
-    p.add_argument("--upsample-sampler", choices=("ddpm", "ddim"),
-                   help="upsampler sampler (default ddim, ddpm when inpainting, as the reference; "
-                        f"demo {DEMO_UPSAMPLE_SAMPLER})")
+                        "noised to it, instead of from pure noise (999, the reference's way) " + DEFAULTS % (999, 500))
+    p.add_argument("--upsample-sampler", choices=SAMPLER_CHOICES,
+                   help="upsampler sampler " + DEFAULTS % ("ddim, ddpm when inpainting", "ddim"))
     p.add_argument("--inpaint-image", help="image to inpaint (needs --inpaint-mask)")
     p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
+    p.add_argument("--init-image", help="img2img (SDEdit): start the base model from this image, noised to "
+                                         "--strength of the chain")
+    p.add_argument("--strength", type=float, help="with --init-image: how far to noise it, in (0, 1] "
+                                                  "(default 0.8; 1 ignores the image)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
@@ -126,48 +116,42 @@ def _parse_args(argv):
     p.add_argument("--checkpoint-dir", help="directory of converted GLIDE models or the reference's .pt files")
     p.add_argument("--vocab-dir", help="tokenizer vocabulary directory (default: the cache, downloaded)")
     p.add_argument("--out", default="samples", help="output directory (default ./samples)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not keep compiled programs on disk for later runs (default: kept under the cache "
+                        "directory; also GLIDE_JAX_COMPILE_CACHE=0)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the run on stdout (logs go to stderr)")
     return p.parse_args(argv)
 
 
 # -- input checks (before any model is loaded) ------------------------------------------------------
 
 
-def _resolve_model(args) -> None:
-    """Fills in `--model` and the per-model defaults (steps, sampler); rejects options that do not
-    apply to the chosen model rather than ignoring them."""
+def _check_model_choice(args) -> None:
+    """Fills in `--model`; rejects options that do not apply to the chosen model rather than
+    ignoring them."""
     if args.model is None:
         args.model = "glide" if args.checkpoint_dir else "demo"
-    demo = args.model == "demo"
-    if demo and args.checkpoint_dir:
+    if args.model == "demo" and args.checkpoint_dir:
         raise InputError("--checkpoint-dir holds GLIDE models and goes with --model glide; the demo models "
-                         f"are read from {DEMO_DIR}")
-    if demo and args.vocab_dir:
+                         "are read from demo/")
+    if args.model == "demo" and args.vocab_dir:
         raise InputError("--vocab-dir applies to --model glide; each demo model carries its own tokenizer")
-    if args.sampler is None:
-        args.sampler = DEMO_SAMPLER if demo else "ddpm"
-    if args.steps is None and args.respacing is None:
-        args.respacing = DEMO_RESPACING if demo else DEFAULT_RESPACING
-    if args.upsample_steps is None:
-        args.upsample_steps = DEMO_UPSAMPLE_RESPACING if demo else DEFAULT_UPSAMPLE_RESPACING
-    if args.upsample_sampler is None and demo:
-        args.upsample_sampler = DEMO_UPSAMPLE_SAMPLER
-    if args.upsample_start is None:
-        args.upsample_start = DEMO_UPSAMPLE_START if demo else FULL_CHAIN_START
-    if args.clip_guidance_scale is None:
-        args.clip_guidance_scale = DEMO_CLIP_GUIDANCE_SCALE if demo else DEFAULT_CLIP_GUIDANCE_SCALE
 
 
 def _check_args(args) -> None:
-    _resolve_model(args)
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_model_choice(args)
+    for name, minimum in (("batch_size", 1), ("max_batch", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
     for name in ("guidance_scale", "clip_guidance_scale", "eta"):
         value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
+        if value is not None and (not math.isfinite(value) or value < 0):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not math.isfinite(args.upsample_temp) or args.upsample_temp <= 0:
         raise InputError(f"--upsample-temp must be a finite number > 0, got {args.upsample_temp}")
-    if not 1 <= args.upsample_start <= FULL_CHAIN_START:
+    if args.upsample_start is not None and not 1 <= args.upsample_start <= FULL_CHAIN_START:
         raise InputError(f"--upsample-start must be an original timestep in [1, {FULL_CHAIN_START}], "
                          f"got {args.upsample_start}")
     if args.steps is not None and args.steps < 2:
@@ -179,7 +163,13 @@ def _check_args(args) -> None:
         given, missing = (("--inpaint-image", "--inpaint-mask") if args.inpaint_image
                           else ("--inpaint-mask", "--inpaint-image"))
         raise InputError(f"{given} needs {missing} too")
-    if args.sampler == "ddpm" and args.eta:
+    if args.init_image is not None and args.inpaint_image is not None:
+        raise InputError("--init-image (img2img) and --inpaint-image do not go together")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength applies to --init-image only")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise InputError(f"--strength must be a number in (0, 1], got {args.strength}")
+    if args.sampler not in (None, "ddim") and args.eta:
         raise InputError("--eta applies to --sampler ddim only")
     _check_out(args.out)
 
@@ -200,10 +190,24 @@ def _check_out(out: str) -> None:
         raise InputError(f"--out {out} cannot be written: {target} is not writable")
 
 
+def _apply_defaults(args, defaults) -> None:
+    """The model family's sampling defaults for every option left unset."""
+    if args.steps is None and args.respacing is None:
+        args.respacing = defaults.steps
+    args.sampler = args.sampler or defaults.sampler
+    args.upsample_steps = args.upsample_steps or defaults.upsample_steps
+    if args.upsample_start is None:
+        args.upsample_start = defaults.upsample_start
+    if args.guidance_scale is None:
+        args.guidance_scale = defaults.guidance_scale
+    if args.clip_guidance_scale is None:
+        args.clip_guidance_scale = defaults.clip_guidance_scale
+
+
 def _respacings(args) -> tuple[str, str]:
     from glide_jax.diffusion import space_timesteps
 
-    base = str(args.steps) if args.steps is not None else (args.respacing or DEFAULT_RESPACING)
+    base = str(args.steps) if args.steps is not None else args.respacing
     up = str(args.upsample_steps)
     for option, value, span in (("--steps/--respacing", base, 1000),
                                 ("--upsample-steps", up, args.upsample_start + 1)):
@@ -223,202 +227,146 @@ def _prompts(args) -> list[str]:
         try:
             text = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it ({err})") from None
+            raise InputError(f"--prompts-file {args.prompt_file}: cannot read it ({err})") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise InputError("no prompt: give --prompt (repeatable, '' for unconditional) or --prompt-file")
+        raise InputError("no prompt: give --prompt (repeatable, '' for unconditional) or --prompts-file")
     return prompts
 
 
-# -- models ---------------------------------------------------------------------------------------
+def _writable(out: Path) -> None:
+    """Creates `out`, or says why it cannot be written, before any sampling time is spent."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot write there ({err.strerror or err})") from None
 
 
-# Demo model name -> directory in DEMO_DIR. There is no demo upsample-inpaint model: the demo
-# cascade runs the plain upsampler after inpainting (`has_inpaint_upsampler`).
-DEMO_MODELS = {"base": "base", "upsample": "upsample", "base-inpaint": "base_inpaint", "clip": "clip"}
-SENTENCEPIECE_FILE = "tokenizer.model"
+# -- running --------------------------------------------------------------------------------------
 
 
-class ModelSource:
-    """Where the models and their tokenizers come from.
+def _progress_bars(quiet: bool):
+    """(callback, close): one tqdm bar per stage on stderr, following the compiled loop."""
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
 
-    `demo`: `demo_dir/<model>/` (config.json, params/, and the tokenizer the model was trained
-    with), stored in 16-bit and upcast to float32 on load. `glide`: `checkpoint_dir` when given
-    (converted models or .pt files), else the released weights (downloaded once); GLIDE's BPE
-    (and CLIP's for the noised CLIP) from `vocab_dir` or the cache.
-    """
+    bars: dict = {}
 
-    def __init__(self, model: str = "demo", checkpoint_dir: str | None = None, vocab_dir: str | None = None,
-                 demo_dir: str | Path = DEMO_DIR):
-        if model not in MODEL_CHOICES:
-            raise InputError(f"unknown model {model!r}; choose one of {', '.join(MODEL_CHOICES)}")
-        self.model, self.checkpoint_dir, self.vocab_dir = model, checkpoint_dir, vocab_dir
-        self.demo_dir = Path(demo_dir)
+    def update(stage: str, step: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None or bar.total != total or step < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=False, file=sys.stderr)
+        bar.update(step - bar.n)
 
-    def has_inpaint_upsampler(self) -> bool:
-        return self.model != "demo"
-
-    def demo_path(self, name: str) -> Path:
-        from glide_jax.weights import WeightsError
-
-        directory = self.demo_dir / DEMO_MODELS.get(name, name)
-        if name not in DEMO_MODELS or not (directory / "config.json").is_file() or not (directory / "params").is_dir():
-            raise WeightsError(
-                f"the bundled demo model {name!r} is missing: expected {directory}/config.json and params/ "
-                f"(see demo/REPRODUCE.md to rebuild it); --model glide uses the released GLIDE weights")
-        return directory
-
-    def load(self, name: str):
-        from glide_jax import weights
-
-        if self.model == "demo":
-            # Stored as 16-bit floats to keep the repository small; sampled in float32.
-            return weights.load_local(self.demo_path(name), name, dtype=np.float32)
-        if self.checkpoint_dir:
-            return weights.load_local(self.checkpoint_dir, name)
-        return weights.load_released(name)
-
-    def tokenizer(self, name: str):
-        from glide_jax import tokenizers
-
-        if self.model == "demo":
-            directory = self.demo_path(name)
-            if name == "clip":
-                # The demo CLIP was trained on CLIP's BPE; its vocabulary is not bundled (vocabularies
-                # are never part of the project): it comes from the cache, downloaded once.
-                return tokenizers.ClipBPETokenizer()
-            path = directory / SENTENCEPIECE_FILE
-            if not path.is_file():
-                from glide_jax.weights import WeightsError
-                raise WeightsError(f"the demo model in {directory} has no {SENTENCEPIECE_FILE} (its tokenizer)")
-            return tokenizers.SentencePieceTokenizer(path)
-        if name == "clip":
-            return tokenizers.ClipBPETokenizer(self.vocab_dir)
-        return tokenizers.GlideBPETokenizer(self.vocab_dir)
-
-    def uncond(self, name: str, config):
-        """The unconditional prompt for classifier-free guidance: the demo models were trained with
-        their tokenizer's empty caption; None keeps the pipeline's (the reference's) default."""
-        if self.model != "demo":
-            return None, None
-        return self.tokenizer(name).pad_and_mask([], config.text_ctx)
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+    return update, close
 
 
-def diffusion_for(config, respacing: str, start_step: int | None = None):
-    from glide_jax.diffusion import diffusion_for_model
-
-    if start_step is not None and start_step >= config.diffusion_steps - 1:
-        start_step = None   # the last step: the full chain from pure noise
-    return diffusion_for_model(config, respacing, start_step=start_step)
-
-
-_diffusion = diffusion_for
-
-
-def _tokens(tokenizer, prompts, ctx, stage, log):
-    if tokenizer is None:   # a model without a text encoder
-        return None, None
-    tokens, mask, truncated = tokenizer.tokenize_batch(prompts, ctx, return_truncated=True)
-    for i in np.flatnonzero(truncated):
-        log(f"warning: {stage}: prompt {i + 1} is longer than the model's {ctx}-token text context and "
-            f"was truncated: {prompts[i]!r}", err=True)
-    return tokens, mask
-
-
-def _report(log, stage, timing):
+def _report(log, stage, timing, detail):
     compile_part = "cached program" if timing.cached else f"compiled in {timing.compile_s:.1f} s"
-    log(f"{stage}: {timing.batch} image(s) x {timing.steps} steps: {compile_part}, sampled in "
+    log(f"{stage} ({detail}): {timing.batch} image(s) x {timing.steps} steps: {compile_part}, sampled in "
         f"{timing.run_s:.1f} s ({timing.steps_per_s:.2f} steps/s)")
 
 
-# -- main -----------------------------------------------------------------------------------------
+def _chunks(n: int, max_batch: int | None):
+    """Equal-size chunks of image indices: the last one is padded (by repeating its last image,
+    dropped afterwards) so every chunk runs the same compiled program."""
+    size = n if max_batch is None else min(max_batch, n)
+    for start in range(0, n, size):
+        rows = list(range(start, min(start + size, n)))
+        yield start, rows + [rows[-1]] * (size - len(rows)), len(rows)
+
+
+def _sample(pipe, args, prompts, inpaint_files, init, out: Path, log) -> dict:
+    """Samples chunk by chunk, writing each chunk's PNGs as soon as it is done."""
+    import jax
+
+    from sample import images as image_io
+
+    rows = [p for p in prompts for _ in range(args.batch_size)]
+    progress, close_bars = _progress_bars(args.quiet or jax.process_index() != 0)
+    options = dict(seed=args.seed, guidance=args.guidance, guidance_scale=args.guidance_scale,
+                   clip_guidance_scale=args.clip_guidance_scale, sampler=args.sampler,
+                   steps=args.steps if args.steps is not None else args.respacing, eta=args.eta,
+                   upsample=args.upsample, upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
+                   upsample_start=args.upsample_start, upsample_temp=args.upsample_temp,
+                   negative_prompt=args.negative_prompt, progress=progress,
+                   **({} if init is None else dict(init_image=init, strength=args.strength)),
+                   warn=lambda message: log(f"warning: {message}", err=True))
+    pixels, files = [], []
+    for start, chunk, kept in _chunks(len(rows), args.max_batch):
+        texts = [rows[i] for i in chunk]
+        if inpaint_files is not None:
+            result = pipe.inpaint(texts, inpaint_files[0], inpaint_files[1], first_index=start, **options)
+        else:
+            result = pipe(texts, first_index=start, **options)
+        close_bars()
+        for stage, timing in result.timings.items():
+            _report(log, stage, timing, _stage_detail(stage, result.settings))
+        for i in range(kept):
+            if (start + i) % jax.process_count() == jax.process_index():
+                path = out / f"{start + i:04d}.png"
+                image_io.save_png(path, result.arrays[i], metadata=result.metadata(i))
+                files.append(str(path))
+        pixels.append(result.arrays[:kept])
+    pixels = np.concatenate(pixels)
+    if _is_primary():
+        image_io.save_png(out / "grid.png", image_io.make_grid(pixels, columns=args.batch_size))
+    return {"images": files, "grid": str(out / "grid.png"), "settings": result.settings,
+            "prompts": prompts, "images_per_prompt": args.batch_size, "seed": args.seed}
+
+
+def _stage_detail(stage: str, settings: dict) -> str:
+    if stage == "base":
+        return f"{settings['guidance']} guidance, {settings['sampler']}, steps {settings['steps']}"
+    return (f"{settings['upsample_sampler']}, steps {settings['upsample_steps']} from t={settings['upsample_start']}, "
+            f"temp {settings['upsample_temp']}")
+
+
+def _is_primary() -> bool:
+    from glide_jax import parallel
+
+    return parallel.is_primary()
 
 
 def run(args, log) -> Path:
-    import jax
-
-    from glide_jax import parallel, pipeline
+    from glide_jax.pipeline import Pipeline
     from sample import images as image_io
 
     _check_args(args)
-    base_respacing, up_respacing = _respacings(args)
     prompts = _prompts(args)
     inpainting = args.inpaint_image is not None
     inpaint_files = image_io.load_inpaint_inputs(args.inpaint_image, args.inpaint_mask) if inpainting else None
-    out = Path(args.out)
-
-    # Every image is (prompt, repeat); image i = prompt i // batch_size.
-    n = len(prompts) * args.batch_size
-    image_prompts = [p for p in prompts for _ in range(args.batch_size)]
-    mesh = parallel.make_mesh()
-    key = jax.random.key(args.seed)
-    models = ModelSource(args.model, args.checkpoint_dir, args.vocab_dir)
-    log(f"models: {'bundled demo models in ' + str(models.demo_dir) if args.model == 'demo' else 'GLIDE'}")
-
-    base_name = "base-inpaint" if inpainting else "base"
-    base_config, base_params = models.load(base_name)
-    diffusion = _diffusion(base_config, base_respacing)
-    base_params = pipeline.prepare_params(base_params, mesh)
-    tokens, mask = _tokens(models.tokenizer(base_name), image_prompts, base_config.text_ctx, "base", log)
-    extra = {}
-    if inpainting:
-        size = base_config.image_size
-        base_mask = image_io.mask_to_array(inpaint_files[1], size)
-        extra = dict(inpaint_image=np.repeat(image_io.image_to_array(inpaint_files[0], size)[None], n, 0),
-                     inpaint_mask=np.repeat(base_mask[None], n, 0))
-    common = dict(diffusion=diffusion, sampler=args.sampler, eta=args.eta, dtype=args.dtype, mesh=mesh, **extra)
-    timing = pipeline.StageTiming()
-    stage = f"base ({args.guidance} guidance, {args.sampler}, {diffusion.num_timesteps} steps)"
-    log(f"{stage}: sampling {n} image(s) on {len(mesh.devices.flat)} device(s)...")
-    if args.guidance == "clip":
-        from glide_jax.clip import ClipConfig
-
-        clip_config, clip_params = models.load("clip")
-        if not isinstance(clip_config, ClipConfig):
-            raise InputError("the 'clip' checkpoint does not hold a noised CLIP")
-        clip_tokens, clip_len = models.tokenizer("clip").batch_padded_and_len(image_prompts, clip_config.max_text_len)
-        images = pipeline.sample_clip_guided(
-            base_config, base_params, tokens, mask, clip_config, clip_params, clip_tokens, clip_len,
-            jax.random.fold_in(key, 0), clip_guidance_scale=args.clip_guidance_scale, timing=timing, **common)
-    else:
-        uncond_tokens, uncond_mask = models.uncond(base_name, base_config)
-        images = pipeline.sample_base(base_config, base_params, tokens, mask, jax.random.fold_in(key, 0),
-                                      guidance_scale=args.guidance_scale, uncond_tokens=uncond_tokens,
-                                      uncond_mask=uncond_mask, timing=timing, **common)
-    _report(log, "base", timing)
-    del base_params
-
+    init = image_io.open_image(args.init_image, "--init-image") if args.init_image else None
+    source = args.checkpoint_dir or args.model
+    pipe = Pipeline(source, dtype=args.dtype, vocab_dir=args.vocab_dir, compile_cache=args.compile_cache)
+    _apply_defaults(args, pipe.defaults)
+    _respacings(args)
+    log(f"models: {'bundled demo models in ' + str(pipe.directory) if args.model == 'demo' else 'GLIDE'}; "
+        f"{len(pipe.mesh.devices.flat)} device(s)")
+    # Loaded before the output directory is made, so missing weights leave nothing behind.
+    pipe.model("base-inpaint" if inpainting else "base")
     if args.upsample:
-        up_name = "upsample-inpaint" if inpainting and models.has_inpaint_upsampler() else "upsample"
-        up_config, up_params = models.load(up_name)
-        up_diffusion = _diffusion(up_config, up_respacing, args.upsample_start)
-        up_params = pipeline.prepare_params(up_params, mesh)
-        up_tokens, up_mask = _tokens(models.tokenizer(up_name) if up_config.has_text else None, image_prompts,
-                                     up_config.text_ctx, "upsample", log)
-        extra = {}
-        if inpainting and up_config.inpaint:
-            size = up_config.image_size
-            extra = dict(inpaint_image=np.repeat(image_io.image_to_array(inpaint_files[0], size)[None], n, 0),
-                         inpaint_mask=np.repeat(image_io.upsample_mask(base_mask, size)[None], n, 0))
-        sampler = args.upsample_sampler or ("ddpm" if inpainting else "ddim")
-        timing = pipeline.StageTiming()
-        start = "" if up_diffusion.starts_from_noise else f" from t={args.upsample_start}"
-        log(f"upsample ({sampler}, {up_diffusion.num_timesteps} steps{start}, temp {args.upsample_temp}): "
-            f"sampling {n} image(s)...")
-        # 8-bit quantisation of the 64px images happens inside the stage, as the reference's cascade.
-        images = pipeline.sample_upsample(
-            up_config, up_params, images, up_tokens, up_mask, jax.random.fold_in(key, 1),
-            diffusion=up_diffusion, temp=args.upsample_temp, sampler=sampler, dtype=args.dtype, mesh=mesh,
-            timing=timing, **extra)
-        _report(log, "upsample", timing)
+        pipe.model("upsample-inpaint" if inpainting and pipe.has_model("upsample-inpaint") else "upsample")
+    if args.guidance == "clip":
+        pipe.model("clip")
+    out = Path(args.out)
+    _writable(out)
+    summary = _sample(pipe, args, prompts, inpaint_files, init, out, log)
+    log(f"wrote {len(prompts) * args.batch_size} image(s) and grid.png to {out.resolve()}")
+    if args.json:
+        import json
 
-    pixels = pipeline.to_uint8(images)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(jax.process_index(), n, jax.process_count()):
-        image_io.save_png(out / f"{i:04d}.png", pixels[i])
-    if parallel.is_primary():
-        image_io.save_png(out / "grid.png", image_io.make_grid(pixels, columns=args.batch_size))
-    log(f"wrote {n} image(s) and grid.png to {out.resolve()}")
+        print(json.dumps(summary, default=str))
     return out
 
 
@@ -426,21 +374,51 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the user's input (files, options, weights) is wrong, not the program."""
     from glide_jax.checkpoint import CheckpointError
     from glide_jax.config import ConfigError
+    from glide_jax.download import DownloadError
+    from glide_jax.images import ImageInputError
     from glide_jax.pipeline import PipelineError
+    from glide_jax.pt_reader import PtFormatError
     from glide_jax.weights import WeightsError
-    from sample.images import ImageInputError
 
-    return (ConfigError, PipelineError, ImageInputError, WeightsError, CheckpointError, FileNotFoundError)
+    return (ConfigError, PipelineError, ImageInputError, WeightsError, CheckpointError, DownloadError,
+            PtFormatError, FileNotFoundError)
 
 
 def bad_input_message(err: Exception) -> str | None:
     """The one-line `error:` report for an error that means the user's input is wrong (which a CLI
-    then exits with EXIT_BAD_INPUT), or None for a program error, which should propagate."""
+    then exits with EXIT_BAD_INPUT), or None for a program error."""
     if isinstance(err, InputError):
         return f"error: {err}"
     if isinstance(err, _bad_input_errors()):
         return f"error: {' '.join(str(err).split())}"
     return None
+
+
+def report_bug(err: BaseException, program: str) -> int:
+    """An unexpected error: one line saying it is a bug and where the traceback was written."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        handle, path = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")
+        with open(handle, "w") as f:
+            f.write(text)
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "the traceback could not be written to a file:\n" + text
+    print(f"error: an unexpected error, which is a bug in glide-jax ({type(err).__name__}: "
+          f"{' '.join(str(err).split())[:300]}); {where}", file=sys.stderr)
+    return EXIT_BUG
+
+
+def handle_error(err: Exception, program: str) -> int:
+    """The exit code for an error that reached a CLI's top level, after its one line on stderr."""
+    message = bad_input_message(err)
+    if message is None:
+        return report_bug(err, program)
+    print(message, file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def _fast_compile_for_demo(args) -> None:
@@ -467,26 +445,28 @@ def _matmul_precision(precision: str | None):
 
 
 def main(argv=None) -> int:
+    json_output = False
+
     def log(message, err=False):
         import jax
 
         if err or jax.process_index() == 0:
-            print(message, file=sys.stderr if err else sys.stdout, flush=True)
+            print(message, file=sys.stderr if (err or json_output) else sys.stdout, flush=True)
 
     try:
         args = _parse_args(argv)
+        json_output = args.json
         _fast_compile_for_demo(args)
         from glide_jax import parallel
         # Must run before anything touches a device.
         parallel.initialize_distributed()
         with _matmul_precision(args.matmul_precision):
             run(args, log)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
-        message = bad_input_message(err)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return handle_error(err, "sample.generate")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Image files for the sampling CLI: PNG and grid writing, inpainting image and mask loading."""
+"""Image files for the sampling CLI: PNG and grid writing, inpainting image and mask files
+(conversion to model inputs is `glide_jax.images`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
-class ImageInputError(ValueError):
-    """An input image or mask cannot be read or does not fit; the message names the file."""
+from glide_jax.images import ImageInputError
 
 
 class ImageOutputError(ImageInputError):
@@ -44,28 +43,6 @@ def open_image(path: str | Path, what: str) -> Image.Image:
     return image
 
 
-def image_to_array(image: Image.Image, size: int) -> np.ndarray:
-    """RGB image resized (bicubic, as the reference's inpainting notebook) → (size, size, 3) in [-1, 1]."""
-    resized = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
-    return np.asarray(resized, np.float32) / 127.5 - 1
-
-
-def mask_to_array(mask: Image.Image, size: int) -> np.ndarray:
-    """Mask image → (size, size, 1) float32 of 0/1, 1 (white) where the image is kept.
-
-    Area-averaged to `size` then thresholded at half, so a pixel is kept when most of what it
-    covers is white; alpha is ignored (only luminance counts).
-    """
-    grey = mask.convert("L").resize((size, size), resample=Image.BOX)
-    return (np.asarray(grey, np.float32) >= 127.5).astype(np.float32)[..., None]
-
-
-def upsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A (h, w, 1) 0/1 mask → (size, size, 1), nearest neighbour (the reference upsamples its 64px mask so)."""
-    image = Image.fromarray((mask[..., 0] * 255).astype(np.uint8))
-    return (np.asarray(image.resize((size, size), resample=Image.NEAREST)) >= 128).astype(np.float32)[..., None]
-
-
 def load_inpaint_inputs(image_path, mask_path) -> tuple[Image.Image, Image.Image]:
     """Reads the inpainting image and mask; they must be the same size."""
     image = open_image(image_path, "--inpaint-image")
@@ -76,16 +53,24 @@ def load_inpaint_inputs(image_path, mask_path) -> tuple[Image.Image, Image.Image
     return image, mask
 
 
-def save_png(path: str | Path, image: np.ndarray) -> None:
-    """Writes an (H, W, 3) uint8 image; no timestamp or other varying metadata, so equal images give equal bytes."""
+def save_png(path: str | Path, image: np.ndarray, metadata: dict[str, str] | None = None) -> None:
+    """Writes an (H, W, 3) uint8 image with `metadata` as PNG text chunks (iTXt, so any Unicode);
+    no timestamp or other varying metadata, so equal images and settings give equal bytes."""
+    from PIL import PngImagePlugin
+
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"save_png expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    info = None
+    if metadata:
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_itxt(key, value)
     # Written beside the target and renamed, so a failed write (disk full, permissions) never
     # leaves a half PNG under the final name.
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        Image.fromarray(image).save(partial, format="PNG")
+        Image.fromarray(image).save(partial, format="PNG", pnginfo=info)
         os.replace(partial, path)
     except OSError as err:
         with contextlib.suppress(OSError):  # e.g. the directory itself is not there

@@ -15,6 +15,10 @@ from pathlib import Path
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# Each test compiles what it measures: no programs from an earlier run's persistent cache (the
+# cache's own test turns it on in a subprocess).
+os.environ.setdefault("GLIDE_JAX_COMPILE_CACHE", "0")
+
 import pytest  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

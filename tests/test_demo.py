@@ -1,7 +1,6 @@
 """The bundled demo models: the README's command offline, the model choice, and a smoke evaluation."""
 
 import json
-import shutil
 import os
 import subprocess
 import sys
@@ -10,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glide_jax import weights
 from glide_jax.checkpoint import PARAMS_DIR
+from glide_jax.pipeline import SENTENCEPIECE_FILE, Pipeline, PipelineError, SamplingDefaults
 from glide_jax.weights import WeightsError
 from sample import evaluate, generate
 
@@ -23,22 +24,23 @@ README_PROMPT = "a red circle on a white background"
 def test_bundle_is_complete_and_small():
     total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert total < 40 * 2 ** 20, f"demo/ holds {total / 2 ** 20:.1f} MiB"
-    for name, directory in generate.DEMO_MODELS.items():
-        config = json.loads((DEMO / directory / "config.json").read_text())
-        assert (DEMO / directory / PARAMS_DIR).is_dir()
+    for name in ("base", "upsample", "base-inpaint", "clip"):
+        directory = weights.find_converted(DEMO, name)
+        config = json.loads((directory / "config.json").read_text())
+        assert (directory / PARAMS_DIR).is_dir()
         if name != "clip" and config["xf_width"]:
-            assert (DEMO / directory / generate.SENTENCEPIECE_FILE).is_file()
+            assert (directory / SENTENCEPIECE_FILE).is_file()
     assert (DEMO / "REPRODUCE.md").is_file()
 
 
 def test_demo_weights_are_stored_half_and_loaded_float32():
-    source = generate.ModelSource("demo")
-    config, params = source.load("base")
+    pipe = Pipeline("demo")
+    config, params = pipe.model("base").config, pipe.model("base").params
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
     assert all(x.dtype == np.float32 for x in leaves)
     # float16 storage: every value is exactly representable in float16.
     assert all(np.array_equal(x, x.astype(np.float16).astype(np.float32)) for x in leaves)
-    assert config.image_size == 32 and source.tokenizer("base").n_vocab <= config.n_vocab
+    assert config.image_size == 32 and pipe.model("base").tokenizer.n_vocab <= config.n_vocab
 
 
 def test_readme_command_runs_offline_from_the_repo(tmp_path):
@@ -53,17 +55,20 @@ def test_readme_command_runs_offline_from_the_repo(tmp_path):
     image = np.asarray(Image.open(out / "0000.png"))
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert (out / "grid.png").is_file()
-    assert not (tmp_path / "empty_cache").exists()   # nothing was downloaded or cached
+    cache = tmp_path / "empty_cache"   # nothing was downloaded (compiled programs may be kept)
+    assert not cache.exists() or [p.name for p in cache.iterdir()] == ["xla"]
 
 
-def test_model_choice_is_explicit_and_never_falls_back(tmp_path, capsys):
+def test_model_choice_is_explicit_and_never_falls_back(tmp_path, capsys, monkeypatch):
     # A demo model that is missing is an error naming it, not a download of GLIDE's.
-    empty = generate.ModelSource("demo", demo_dir=tmp_path)
-    with pytest.raises(WeightsError, match="bundled demo model 'base' is missing.*--model glide"):
-        empty.load("base")
-    # The demo has no upsample-inpaint model; asking for it by name says so.
+    with monkeypatch.context() as patch:
+        patch.setattr(weights, "DEMO_DIR", tmp_path)
+        with pytest.raises(WeightsError, match="bundled demo model 'base' is missing.*'glide'"):
+            weights.load("demo", "base")
+    # The demo has no upsample-inpaint model; asking for it by name says so, and the pipeline knows.
     with pytest.raises(WeightsError, match="upsample-inpaint"):
-        generate.ModelSource("demo").load("upsample-inpaint")
+        weights.load("demo", "upsample-inpaint")
+    assert not Pipeline("demo").has_model("upsample-inpaint")
     # Options of the other model are rejected, not ignored.
     code = generate.main(["--prompt", "x", "--model", "demo", "--checkpoint-dir", str(tmp_path)])
     assert code == 2 and "--model glide" in capsys.readouterr().err
@@ -85,19 +90,28 @@ def test_model_choice_is_explicit_and_never_falls_back(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_defaults_follow_the_model():
+def test_defaults_follow_the_model(tmp_path):
+    # The demo's sampling defaults are its own (demo/pipeline.json); GLIDE's are the reference's.
+    demo = Pipeline("demo").defaults
+    assert demo == SamplingDefaults.from_json(DEMO / "pipeline.json")
+    assert (demo.steps, demo.upsample_start, demo.clip_guidance_scale) == ("50", 500, 20.0)
+    assert Pipeline("glide").defaults == SamplingDefaults()
+    assert (SamplingDefaults().steps, SamplingDefaults().upsample_steps) == ("100", "fast27")
     args = generate._parse_args(["--prompt", "x"])
-    generate._resolve_model(args)
+    generate._check_model_choice(args)
+    generate._apply_defaults(args, demo)
     assert (args.model, args.sampler, args.respacing, args.upsample_steps, args.clip_guidance_scale) == (
-        "demo", generate.DEMO_SAMPLER, generate.DEMO_RESPACING, generate.DEMO_UPSAMPLE_RESPACING,
-        generate.DEMO_CLIP_GUIDANCE_SCALE)
+        "demo", demo.sampler, demo.steps, demo.upsample_steps, demo.clip_guidance_scale)
     args = generate._parse_args(["--prompt", "x", "--checkpoint-dir", "somewhere"])
-    generate._resolve_model(args)
-    assert (args.model, args.sampler, args.respacing, args.clip_guidance_scale) == (
-        "glide", "ddpm", generate.DEFAULT_RESPACING, generate.DEFAULT_CLIP_GUIDANCE_SCALE)
+    generate._check_model_choice(args)
+    generate._apply_defaults(args, SamplingDefaults())
+    assert (args.model, args.sampler, args.respacing, args.clip_guidance_scale) == ("glide", "ddpm", "100", 3.0)
     args = generate._parse_args(["--prompt", "x", "--clip-guidance-scale", "7"])
-    generate._resolve_model(args)
+    generate._apply_defaults(args, demo)
     assert args.clip_guidance_scale == 7
+    (tmp_path / "pipeline.json").write_text('{"steps": 10, "guidance": 3}')
+    with pytest.raises(PipelineError, match="unknown sampling default.*guidance"):
+        Pipeline(tmp_path)
 
 
 def _smoke(guidance, scale):
@@ -105,23 +119,22 @@ def _smoke(guidance, scale):
     the CLI's default steps. Chance is 1/6 per shape colour (1/36 for two shapes) and 1/3 per
     background."""
     prompts = evaluate.make_prompts(8)
-    models = evaluate.DemoModels(generate.ModelSource("demo"))
-    images = evaluate.sample_condition(models, [p.caption for p in prompts], [0], respacing=generate.DEMO_RESPACING,
+    pipe = Pipeline("demo")
+    images = evaluate.sample_condition(pipe, [p.caption for p in prompts], [0], respacing=pipe.defaults.steps,
                                        guidance=guidance, scale=scale)
     return evaluate.summarise([evaluate.judge(p, image) for p, image in zip(prompts, images)])
 
 
 def _offline_clip_vocab(golden, cache, monkeypatch):
-    # The demo CLIP's BPE vocabulary comes from the cache (never bundled): seed the cache offline.
-    (cache / "vocab").mkdir(parents=True)
-    shutil.copy(golden / "vocab" / "bpe_simple_vocab_16e6.txt.gz", cache / "vocab")
+    # The demo CLIP carries its own cut of CLIP's BPE: offline, with an empty cache, nothing is fetched.
     monkeypatch.setenv("GLIDE_JAX_CACHE", str(cache))
     monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
 
 
 def test_bundled_base_model_follows_prompts_with_clip_guidance(golden, tmp_path, monkeypatch):
     _offline_clip_vocab(golden, tmp_path, monkeypatch)
-    s = _smoke("clip", generate.DEMO_CLIP_GUIDANCE_SCALE)
+    s = _smoke("clip", Pipeline("demo").defaults.clip_guidance_scale)
+    assert not (tmp_path / "vocab").exists()
     assert s["colour"]["p"] >= 0.5 and s["background"]["p"] >= 0.5, s
 
 
@@ -177,4 +190,4 @@ def test_bundled_base_is_the_network_its_training_config_builds():
     differing = {k: (v, shipped.get(k)) for k, v in raw["model"].items() if shipped.get(k) != v}
     assert not differing, f"config vs demo/base/config.json: {differing}"
     tokenizer = PROJECT_ROOT / raw["tokenizer"]["path"]
-    assert tokenizer.read_bytes() == (DEMO / "base" / generate.SENTENCEPIECE_FILE).read_bytes()
+    assert tokenizer.read_bytes() == (DEMO / "base" / SENTENCEPIECE_FILE).read_bytes()

@@ -160,6 +160,9 @@ def test_a_missing_demo_dir_is_a_clear_error(tmp_path, capsys):
             "--grid", "", "--out", str(tmp_path / "out"), "--demo-dir", str(tmp_path / "candidate")]
     assert evaluate.main(args) == 2
     err = capsys.readouterr().err
-    expected = tmp_path / "candidate" / "base" / "config.json"
-    assert f"the bundled demo model 'base' is missing: expected {expected}" in err
+    assert f"{tmp_path / 'candidate'} is not a directory" in err and err.count("\n") == 1
+    (tmp_path / "candidate").mkdir()   # a folder without the models: which one is missing, and where
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"no 'base' weights in {tmp_path / 'candidate'}" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

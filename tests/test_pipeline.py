@@ -1,282 +1,175 @@
-"""The sampling pipeline: reference parity of its wiring, one compiled program per stage with the
-text encoder outside the loop, and images that do not depend on batch size or device count."""
+"""`glide_jax.Pipeline`: models loaded once, called with prompts, compiled programs reused.
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
+Runs the bundled demo models at a few steps; every test shares one pipeline (and so the compiled
+programs of its shapes)."""
 
-import jax
-import jax.extend
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from glide_jax import clip, pipeline
-from glide_jax.checkpoint import load_model
+from glide_jax import Pipeline, PipelineError, stages
+from glide_jax.clip import ClipConfig
 from glide_jax.config import ModelConfig
-from glide_jax.convert import convert_checkpoint
-from glide_jax.diffusion import GaussianDiffusion
-from glide_jax.sampling import ddim_sample
-from glide_jax.unet import GlideUNet
+from glide_jax.convert import convert_checkpoint, convert_clip_checkpoints
 
-from conftest import PROJECT_ROOT
-
-ATOL = 1e-3  # the golden README's bound for sampling traces
-
-
-def nhwc(array):
-    return np.moveaxis(np.asarray(array), 1, -1)
-
-
-def trace(golden, name):
-    data = np.load(golden / f"trace_{name}.npz")
-    return {k: data[k] for k in data.files}
-
-
-def diffusion_of(ref):
-    return GaussianDiffusion.create(str(ref["schedule"]), 1000, str(ref["respacing"]))
+FAST = dict(steps=4, upsample_steps=3)
+PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 
 
 @pytest.fixture(scope="module")
-def load(golden, tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            out = tmp_path_factory.mktemp("models") / name
-            convert_checkpoint(golden / f"{name}.pt", ModelConfig.from_json(golden / f"{name}.config.json"), out)
-            saved, params = load_model(out)
-            cache[name] = ModelConfig.from_dict(saved), params
-        return cache[name]
-
-    return get
+def pipe():
+    return Pipeline.from_pretrained("demo")
 
 
-def test_guided_ddim_matches_reference_and_scale_does_not_recompile(golden, load):
-    ref = trace(golden, "ddim_cfg")
-    config, params = load("base")
-    # The reference's batch is [prompt | empty prompt]; the pipeline takes the prompts only and
-    # builds the unconditional row itself, which must be the reference's.
-    tokens, mask = ref["tokens"][:1], ref["mask"][:1]
-    uncond_tokens, uncond_mask = pipeline._uncond(config, None, None)
-    np.testing.assert_array_equal(uncond_tokens, ref["tokens"][1])
-    np.testing.assert_array_equal(uncond_mask, ref["mask"][1])
-
-    run = dict(diffusion=diffusion_of(ref), sampler="ddim", noise=nhwc(ref["noise"][:1]))
-    timing = pipeline.StageTiming()
-    images = pipeline.sample_base(config, params, tokens, mask, jax.random.key(0),
-                                  guidance_scale=float(ref["guidance_scale"]), timing=timing, **run)
-    np.testing.assert_allclose(images, nhwc(ref["final"][:1]), atol=ATOL, rtol=0)
-    assert timing.steps == 10 and timing.batch == 1 and not timing.cached and timing.run_s > 0
-
-    compiled = pipeline.compiled_programs()
-    other = pipeline.sample_base(config, params, tokens, mask, jax.random.key(0), guidance_scale=6.0,
-                                 timing=timing, **run)
-    assert pipeline.compiled_programs() == compiled and timing.cached
-    assert np.abs(other - images).max() > 1e-2  # the new scale really reached the program
+@pytest.fixture(scope="module")
+def first(pipe):
+    return pipe(PROMPTS, seed=3, **FAST)
 
 
-def test_upsampler_matches_reference_trace(golden, load):
-    ref = trace(golden, "upsample_ddim")
-    config, params = load("upsample")
-    low_res = nhwc(ref["low_res"])
-    # The trace's low-res input is already 8-bit; the stage's own quantisation must keep it.
-    np.testing.assert_allclose(np.asarray(pipeline.quantize_8bit(low_res)), low_res, atol=1e-6, rtol=0)
-    images = pipeline.sample_upsample(config, params, low_res, ref["tokens"], ref["mask"], jax.random.key(0),
-                                      diffusion=diffusion_of(ref), sampler="ddim",
-                                      noise=nhwc(ref["noise_times_temp"]))
-    np.testing.assert_allclose(images, nhwc(ref["final"]), atol=ATOL, rtol=0)
+def test_call_returns_images_and_reuses_its_programs(pipe, first):
+    assert first.arrays.shape == (2, pipe.output_size, pipe.output_size, 3) and first.arrays.dtype == np.uint8
+    assert pipe.output_size == 64 and pipe.base_size == 32
+    assert [im.size for im in first.images] == [(64, 64)] * 2 and first.images[0].mode == "RGB"
+    assert first.base_arrays.shape == (2, 32, 32, 3)
+    assert first.prompts == PROMPTS and list(first.indices) == [0, 1]
+    assert set(first.timings) == {"base", "upsample"}
+
+    compiled = stages.compiled_programs()
+    again = pipe(PROMPTS, seed=3, **FAST)
+    np.testing.assert_array_equal(again.arrays, first.arrays)   # the same seed, the same images
+    other = pipe(PROMPTS[::-1], seed=4, guidance_scale=5.0, **FAST)
+    assert stages.compiled_programs() == compiled, "a call with the same shapes compiled again"
+    assert all(t.cached for t in other.timings.values())
+    assert not np.array_equal(other.arrays, first.arrays)
 
 
-def test_quantize_8bit_and_uint8():
-    x = np.array([-1.0, -0.999, 0.0, 0.5, 1.0, 1.2], np.float32)
-    q = np.asarray(pipeline.quantize_8bit(x))
-    np.testing.assert_array_equal(np.round((q + 1) * 127.5), [0, 0, 128, 191, 255, 255])
-    np.testing.assert_array_equal(pipeline.to_uint8(x), [0, 0, 128, 191, 255, 255])
+def test_an_image_depends_on_its_prompt_and_index_only(pipe, first):
+    # Image 1 alone, at its global index, is image 1 of the pair: chunking a run changes nothing.
+    alone = pipe(PROMPTS[1:], seed=3, first_index=1, **FAST)
+    np.testing.assert_allclose(alone.arrays[0].astype(int), first.arrays[1].astype(int), atol=1)
+    assert list(alone.indices) == [1]
+    # Several images per prompt: image i is for prompt i // n.
+    two = pipe(PROMPTS[:1], seed=3, num_images_per_prompt=2, **FAST)
+    assert two.prompts == PROMPTS[:1] * 2
+    np.testing.assert_allclose(two.arrays[0].astype(int), first.arrays[0].astype(int), atol=1)
+    assert not np.array_equal(two.arrays[0], two.arrays[1])
 
 
-# -- the text encoder runs once, outside the sampling loop ---------------------------------------------
+def test_negative_prompt_conditions_the_other_row(pipe, first):
+    empty = pipe(PROMPTS, seed=3, negative_prompt="", **FAST)
+    np.testing.assert_array_equal(empty.arrays, first.arrays)   # "" is the unconditional prompt
+    negative = pipe(PROMPTS, seed=3, negative_prompt=["a red circle", "a blue square"], **FAST)
+    assert not np.array_equal(negative.arrays[0], first.arrays[0])
+    assert negative.metadata(0)["negative_prompt"] == "a red circle"
+    assert first.metadata(1)["prompt"] == PROMPTS[1] and "negative_prompt" not in first.metadata(1)
+    assert first.metadata(0)["steps"] == "4" and first.metadata(0)["model"] == "demo"
 
 
-def _scan_bodies_and_outside(jaxpr):
-    """(invar shapes of every scan, input shapes of equations outside any scan)."""
-    scans, outside = [], []
-
-    def walk(jx, in_scan):
-        for eqn in jx.eqns:
-            shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars if hasattr(v, "aval")]
-            if eqn.primitive.name == "scan":
-                scans.append(shapes)
-            elif not in_scan:
-                outside.append(shapes)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub, in_scan or eqn.primitive.name == "scan")
-
-    walk(jaxpr.jaxpr, False)
-    return scans, outside
+def test_progress_follows_every_step_of_each_stage(pipe):
+    seen = []
+    pipe(PROMPTS, seed=3, progress=lambda stage, step, total: seen.append((stage, step, total)), **FAST)
+    assert seen == [("base", i, 4) for i in range(1, 5)] + [("upsample", i, 3) for i in range(1, 4)]
 
 
-def _uses(shape_lists, shape):
-    return any(shape in shapes for shapes in shape_lists)
+def test_dpm_solver_through_the_pipeline(pipe, first):
+    # DPM-Solver++ (2M) at as many steps as the DDPM run: a deterministic image of the same prompts.
+    out = pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4)
+    assert out.arrays.shape == (2, 32, 32, 3) and out.settings["sampler"] == "dpm++2m"
+    np.testing.assert_array_equal(pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4).arrays,
+                                  out.arrays)
+    assert not np.array_equal(out.arrays, first.base_arrays)
+    assert set(pipe.samplers) >= {"ddpm", "ddim", "dpm++2m", "dpm++2s"}
 
 
-def test_text_encoder_is_traced_outside_the_loop(golden, load, monkeypatch):
-    config, params = load("base")
-    embedding_shape = (config.n_vocab, config.xf_width)  # the token embedding table
-    captured = {}
-
-    def capture(spec, args, mesh, timing):
-        captured["jaxpr"] = jax.make_jaxpr(lambda *a: pipeline._program(spec, *a))(*args)
-        return jnp.zeros((args[1]["index"].shape[0], config.image_size, config.image_size, 3))
-
-    monkeypatch.setattr(pipeline, "_run_program", capture)
-    tokens = np.full((1, config.text_ctx), 5, np.int32)
-    pipeline.sample_base(config, params, tokens, np.ones_like(tokens, bool), jax.random.key(0),
-                         diffusion=GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4"), sampler="ddim")
-    scans, outside = _scan_bodies_and_outside(captured["jaxpr"])
-    assert scans, "the sampler is not a lax.scan"
-    assert not _uses(scans, embedding_shape), "the text encoder's embedding table is used inside the loop"
-    assert _uses(outside, embedding_shape), "the text encoder does not run before the loop"
-
-    # The check can fail: a sampler that calls the whole model (text encoder included) per step.
-    model = GlideUNet(config)
-    d = GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4")
-
-    def per_step_encoder(p, tok, mask):
-        fn = lambda x, t: model.apply({"params": p}, x, t, tok, mask)  # noqa: E731
-        return ddim_sample(fn, d, (1, config.image_size, config.image_size, 3), jax.random.key(0))
-
-    bad = jax.make_jaxpr(per_step_encoder)(params, tokens, np.ones_like(tokens, bool))
-    assert _uses(_scan_bodies_and_outside(bad)[0], embedding_shape)
+def test_img2img_starts_from_the_given_image(pipe, first):
+    image = first.arrays[0]
+    close = pipe("a blue square on a black background", init_image=image, strength=0.3, seed=5, **FAST)
+    far = pipe("a blue square on a black background", init_image=image, strength=1.0, seed=5, **FAST)
+    near_error = np.abs(close.arrays[0].astype(int) - image).mean()
+    far_error = np.abs(far.arrays[0].astype(int) - image).mean()
+    assert near_error < far_error / 2, (near_error, far_error)   # a light noising keeps the image's layout
+    assert close.settings["strength"] == 0.3 and close.metadata(0)["strength"] == "0.3"
+    with pytest.raises(PipelineError, match=r"strength must be a number in \(0, 1\]"):
+        pipe("x", init_image=image, strength=0.0, **FAST)
+    with pytest.raises(PipelineError, match="strength applies to init_image"):
+        pipe("x", strength=0.5, **FAST)
 
 
-# -- devices and batch composition -------------------------------------------------------------------
-
-TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-            num_head_channels=8, text_ctx=8, xf_width=16, xf_layers=1, xf_heads=2, dropout=0.0)
-
-MULTI_DEVICE_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax, numpy as np
-    from glide_jax import parallel, pipeline
-    from glide_jax.config import ModelConfig
-    from glide_jax.diffusion import GaussianDiffusion
-    from glide_jax.unet import param_shapes
-
-    assert jax.device_count() == 8, jax.devices()
-    config = ModelConfig(**json.loads(sys.argv[1]))
-    rng = np.random.default_rng(0)
-
-    def draw(leaf):  # random weights so every path contributes (init zeroes the output layer)
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    params = jax.tree.map(draw, param_shapes(config))
-    tokens = rng.integers(0, config.n_vocab, (3, config.text_ctx)).astype(np.int32)
-    mask = np.arange(config.text_ctx)[None] < np.array([[3], [config.text_ctx], [0]])
-    run = dict(diffusion=GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4"), guidance_scale=3.0,
-               sampler="ddpm")
-    key = jax.random.key(7)
-    eight = parallel.make_mesh()
-    one = parallel.make_mesh(devices=jax.devices()[:1])
-    out = dict(
-        eight=pipeline.sample_base(config, params, tokens, mask, key, mesh=eight, **run),
-        one=pipeline.sample_base(config, params, tokens, mask, key, mesh=one, **run),
-        # Example 1 alone (padded to 8 rows on the 8-device mesh) keeps its index, hence its image.
-        alone=pipeline.sample_base(config, params, tokens[1:2], mask[1:2], key, mesh=eight, first_index=1, **run),
-        bf16=pipeline.sample_base(config, params, tokens, mask, key, mesh=eight, dtype="bfloat16", **run),
-    )
-    np.savez(sys.argv[2], **out)
-""")
+def test_no_guidance_at_scale_one_and_no_upsampling(pipe):
+    out = pipe(PROMPTS[:1], guidance_scale=1.0, upsample=False, **FAST)
+    assert out.arrays.shape == (1, 32, 32, 3) and out.base_arrays is None
+    assert "upsample" not in out.timings
 
 
-def test_eight_devices_give_the_one_device_images(tmp_path):
-    out = tmp_path / "images.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, json.dumps(TINY), str(out)],
-                            env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    images = np.load(out)
-    eight, one, alone = images["eight"], images["one"], images["alone"]
-    assert eight.shape == (3, 16, 16, 3) and np.isfinite(eight).all()
-    np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(alone[0], eight[1], atol=1e-5, rtol=0)
-    # bfloat16 compute changes the activations, not the sampler: same images to bf16 precision.
-    bf16_error = np.abs(images["bf16"] - eight)
-    assert np.isfinite(images["bf16"]).all() and 0 < bf16_error.mean() < 0.05, bf16_error.mean()
-    # Different examples (different keys and prompts) are different images.
-    assert np.abs(eight[0] - eight[1]).max() > 0.1 and np.abs(eight[1] - eight[2]).max() > 0.1
+def test_inpaint_keeps_the_known_region(pipe, first):
+    image = first.arrays[0]
+    mask = np.ones((64, 64), np.uint8)
+    mask[:, 32:] = 0                                  # regenerate the right half
+    edited = pipe.inpaint("a green triangle on a white background", image, mask, seed=1, **FAST)
+    out = edited.arrays[0].astype(int)
+    kept = np.abs(out[:, :30] - image[:, :30]).mean()
+    changed = np.abs(out[:, 34:] - image[:, 34:]).mean()
+    assert kept < 2.0 and changed > 5 * max(kept, 1.0), (kept, changed)
+    # PIL inputs, one per prompt, and a mask that does not fit its image.
+    pil = Image.fromarray(image)
+    both = pipe.inpaint(PROMPTS, [pil, pil], [Image.fromarray(mask * 255)] * 2, seed=1, **FAST)
+    assert both.arrays.shape == (2, 64, 64, 3)
+    with pytest.raises(PipelineError, match="mask 0 is 32x32 but its image is 64x64"):
+        pipe.inpaint("x", image, np.ones((32, 32), np.uint8), **FAST)
 
 
-# -- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "non-empty list of strings"),
+    (dict(prompts=[3]), "non-empty list of strings"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=2 ** 32), r"seed must be an integer"),
+    (dict(sampler="plms"), "sampler must be one of"),
+    (dict(guidance="classifier"), "guidance must be one of"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(negative_prompt=["a", "b", "c"]), "one string or one per prompt"),
+    (dict(steps="fast28"), "steps 'fast28'"),
+    (dict(upsample_start=0), r"upsample_start must be an original timestep in \[1, 999\]"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_arguments_are_named(pipe, kwargs, message):
+    kwargs = dict(FAST, **kwargs)
+    prompts = kwargs.pop("prompts", PROMPTS)
+    with pytest.raises(PipelineError, match=message):
+        pipe(prompts, **kwargs)
 
 
-# Each change is built from the golden base config, so any golden set made the same way passes.
-@pytest.mark.parametrize("change, message", [
-    (lambda c: dict(sampler="plms"), "sampler must be one of"),
-    (lambda c: dict(dtype="float16"), "dtype must be one of"),
-    (lambda c: dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (lambda c: dict(guidance_scale=-1.0), "guidance_scale must be a finite number"),
-    (lambda c: dict(tokens=np.zeros((2, c.text_ctx - 1), np.int32)), "tokens and mask must both be"),
-    (lambda c: dict(tokens=np.full((2, c.text_ctx), c.n_vocab, np.int32)), "token ids must lie in"),
-    (lambda c: dict(noise=np.zeros((2, c.image_size // 2, c.image_size // 2, 3))), "noise must be"),
-    (lambda c: dict(inpaint_image=np.zeros((2, c.image_size, c.image_size, 3))),
-     "needs both inpaint_image and inpaint_mask"),
-    (lambda c: dict(first_index=-1), "first_index must be"),
-], ids=["sampler", "dtype", "nan_scale", "negative_scale", "short_tokens", "token_range", "noise_shape",
-        "inpaint_alone", "first_index"])
-def test_bad_inputs_are_rejected(golden, change, message):
-    config = ModelConfig.from_json(golden / "base.config.json")
-    args = dict(tokens=np.zeros((2, config.text_ctx), np.int32), mask=np.ones((2, config.text_ctx), bool),
-                guidance_scale=3.0, sampler="ddim", dtype="float32")
-    args.update(change(config))
-    tokens, mask = args.pop("tokens"), args.pop("mask")
-    with pytest.raises(pipeline.PipelineError, match=message):
-        pipeline.sample_base(config, {}, tokens, mask, jax.random.key(0),
-                             diffusion=GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4"), **args)
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(PipelineError, match="is not a directory"):
+        Pipeline(tmp_path / "nowhere")
+    with pytest.raises(PipelineError, match="dtype must be one of"):
+        Pipeline("demo", dtype="float16")
 
 
-def test_clip_guided_matches_reference_trace(golden, load):
-    ref = trace(golden, "clip_guided")
-    config, params = load("base")
-    clip_config = clip.ClipConfig.from_json(golden / "clip.config.json")
-    clip_params = clip.load_clip_checkpoints(golden / "clip_image_enc.pt", golden / "clip_text_enc.pt", clip_config)
-    images = pipeline.sample_clip_guided(
-        config, params, ref["tokens"], ref["mask"], clip_config, clip_params, ref["clip_tokens"],
-        ref["clip_text_len"], jax.random.key(0), diffusion=diffusion_of(ref),
-        clip_guidance_scale=float(ref["clip_guidance_scale"]), sampler="ddpm", noise=nhwc(ref["noise"]),
-        step_noise=np.moveaxis(ref["step_noise"], 2, -1))
-    err = np.abs(images - nhwc(ref["final"]))
-    # As in test_traces: the cosine schedule's first step can amplify float32 noise near the clip
-    # at a handful of pixels; everything else must be within the golden bound.
-    assert err.max() < 1e-2 and (err > ATOL).mean() <= 1e-3, (err.max(), (err > ATOL).sum())
+def test_a_directory_of_converted_models_or_pt_files(golden, tmp_path, monkeypatch):
+    """GLIDE's layout (the golden tiny models): converted copies, or the reference's .pt files as they
+    are, with GLIDE's BPE from a vocabulary folder."""
+    converted = tmp_path / "converted"
+    for name in ("base", "upsample"):
+        convert_checkpoint(golden / f"{name}.pt", ModelConfig.from_json(golden / f"{name}.config.json"),
+                           converted / name)
+    convert_clip_checkpoints(golden / "clip_image_enc.pt", golden / "clip_text_enc.pt",
+                             ClipConfig.from_json(golden / "clip.config.json"), converted / "clip")
+    pipe = Pipeline.from_pretrained(converted, vocab_dir=golden / "vocab")
+    size = ModelConfig.from_json(golden / "upsample.config.json").image_size
+    out = pipe("a corgi", steps=2, upsample_steps=2)
+    assert out.arrays.shape == (1, size, size, 3) and out.settings["model"] == str(converted)
+    assert pipe.defaults.steps == "100"                   # no pipeline.json: the reference's defaults
 
+    # The same models from the reference's files give the same images (the .pt files are read
+    # directly, with the configs a released model would have: here the golden ones).
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("base", "upsample"):
+        (raw / f"{name}.pt").symlink_to(golden / f"{name}.pt")
+    from glide_jax import weights
 
-def test_truncated_upsampler_chain_starts_from_the_noised_upsampled_input():
-    from glide_jax.layers import resize_bilinear
-    from glide_jax.unet import init_params
-
-    config = ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                         attention_resolutions="", xf_width=0, super_res=True, dropout=0.0)
-    params = init_params(config, jax.random.key(0))  # zero output head: eps = 0 everywhere
-    low = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
-    up = np.asarray(resize_bilinear(jnp.asarray(low, jnp.float32) / 127.5 - 1, 16, 16))
-    noise = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
-    for start in (None, 20):
-        diffusion = GaussianDiffusion.create("linear", 1000, "10", start_step=start)
-        out = pipeline.sample_upsample(config, params, low, None, None, jax.random.key(1), diffusion=diffusion,
-                                       sampler="ddim", noise=noise)
-        if start is None:
-            assert np.abs(out - up).mean() > 0.5   # from pure noise, a model that predicts eps = 0 ends far away
-        else:
-            # With eps = 0, DDIM returns x_start / sqrt(abar): the upsampled input plus the scaled noise.
-            top = diffusion.alphas_cumprod[-1]
-            np.testing.assert_allclose(out, np.clip(up + np.sqrt((1 - top) / top) * noise, -1, 1), atol=1e-4)
-
-    base = ModelConfig(**{**config.to_dict(), "super_res": False})
-    with pytest.raises(pipeline.PipelineError, match="starts at timestep 20, not from pure noise"):
-        pipeline.sample_base(base, init_params(base, jax.random.key(0)), None, None, jax.random.key(0),
-                             noise=noise[:1], guidance_scale=None,
-                             diffusion=GaussianDiffusion.create("linear", 1000, "10", start_step=20))
+    configs = {name: ModelConfig.from_json(golden / f"{name}.config.json") for name in ("base", "upsample")}
+    original = weights.released_config
+    monkeypatch.setattr(weights, "released_config", lambda name: configs.get(name) or original(name))
+    from_pt = Pipeline.from_pretrained(raw, vocab_dir=golden / "vocab")
+    np.testing.assert_array_equal(from_pt("a corgi", steps=2, upsample_steps=2).arrays, out.arrays)

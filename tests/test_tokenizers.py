@@ -316,3 +316,146 @@ def test_sentencepiece_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         SentencePieceTokenizer(tmp_path / "junk.model")
+
+
+# --------------------------------------------------------------------------------------------
+# The demo CLIP's subset table (demo/clip/clip_bpe_subset.json)
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from demo import make_clip_tokenizer  # noqa: E402
+
+CLIP_TABLE = Path(__file__).resolve().parent.parent / "demo" / "clip" / "clip_bpe_subset.json"
+
+
+@pytest.fixture(scope="module")
+def clip_subset():
+    return ClipBPETokenizer.from_table(CLIP_TABLE)
+
+
+def _demo_captions(count):
+    """`count` captions of the demo domain: random specs over every colour, kind (extra ones and the
+    partial captions' placeholder too), relation and template, then the training streams' own."""
+    shapes = make_clip_tokenizer.shapes
+    rng = random.Random(1)
+    colours, kinds = list(shapes.COLOURS), list(shapes.KINDS + shapes.EXTRA_KINDS)
+    captions = []
+    while len(captions) < count // 2:
+        n = rng.choice((1, 2))
+        objects = tuple((rng.choice(colours), rng.choice(kinds)) for _ in range(n))
+        spec = shapes.SceneSpec(rng.choice(colours), objects,
+                                rng.choice(shapes.RELATIONS) if n == 2 else None)
+        leave_out = (rng.randrange(n), rng.choice(("colour", "kind"))) if rng.random() < 0.3 else None
+        captions += shapes.captions_for(spec, leave_out)
+    captions += list(make_clip_tokenizer.sampled_captions(count=count // 200, seed=3))
+    return list(dict.fromkeys(captions))
+
+
+def test_clip_subset_table_matches_full_vocabulary_on_demo_captions(clip, clip_subset):
+    captions = _demo_captions(5000)
+    assert len(captions) >= 5000
+    templates = make_clip_tokenizer.shapes._SINGLE_TEMPLATES + make_clip_tokenizer.shapes._PAIR_TEMPLATES
+    # Every template's fixed words (what is left with the slots cut out) occur in the sample.
+    joined = "\n".join(captions)
+    for template in templates:
+        for fixed in re.split(r"\{\w+\}", template):
+            assert fixed in joined, (template, fixed)
+    # Prompts typed with the words the caption parser accepts besides the templates'.
+    captions += ["A Grey Disc over a violet DISK, on a black backdrop.",
+                 "circles beneath squares, triangles under a white shape",
+                 "red cross on the left of a green diamond, gray background!"]
+    for caption in captions:
+        assert clip_subset.encode(caption) == clip.encode(caption), caption
+    assert not any(clip_subset.uncovered_words(c) for c in captions), "all demo words are covered"
+    for ctx in (24, 77):
+        sub_tokens, sub_len = clip_subset.batch_padded_and_len(captions, ctx)
+        full_tokens, full_len = clip.batch_padded_and_len(captions, ctx)
+        np.testing.assert_array_equal(sub_tokens, full_tokens)
+        np.testing.assert_array_equal(sub_len, full_len)
+    assert (clip_subset.n_vocab, clip_subset.start_token, clip_subset.end_token) == (49408, 49406, 49407)
+    assert clip_subset.decode(clip_subset.encode(captions[0])) == clip.decode(clip.encode(captions[0]))
+
+
+def test_clip_subset_table_is_what_the_script_writes(clip):
+    """The committed table is current: regenerating it from the shapes vocabulary changes nothing,
+    and the script's sampled captions find no word that vocabulary misses."""
+    words, only_sampled = make_clip_tokenizer.domain_words(clip, sampled=_demo_captions(2000))
+    assert only_sampled == []
+    table = make_clip_tokenizer.build_table(clip, words)
+    assert make_clip_tokenizer.dumps_table(table) == CLIP_TABLE.read_text(encoding="utf-8")
+    assert 100 <= len(table["merges"]) <= 1000 and CLIP_TABLE.stat().st_size < 16_000
+    assert {"red", "triangle", "background", "diamond", "shape", "left", "beneath"} <= set(table["words"])
+
+
+def test_clip_subset_out_of_domain_words(clip, clip_subset):
+    prompt = "a red zebra, café 🦓 on a blue background"
+    assert clip_subset.uncovered_words(prompt) == ["zebra", "café", "🦓"]
+    assert clip.uncovered_words(prompt) == []
+    ids = clip_subset.encode(prompt)
+    assert all(0 <= i < 49408 for i in ids)
+    assert ids != clip.encode(prompt), "zebra is one token in the full vocabulary, pieces here"
+    # Smaller pieces of the same bytes: the text survives, only the split differs.
+    assert clip_subset.decode(ids) == clip.decode(clip.encode(prompt))
+    zebra = clip.encode("zebra")
+    assert len(zebra) == 1 and len(clip_subset.encode("zebra")) > 1
+    with pytest.raises(ValueError, match="token id .* is not in the CLIP BPE table .*clip_bpe_subset.json"):
+        clip_subset.decode(zebra)
+    # Single-byte words need no merge, so they are covered whatever the table holds.
+    assert clip_subset.uncovered_words("a 7 . x <|endoftext|>") == []
+
+
+def test_clip_subset_table_loads_offline_with_an_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLIDE_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GLIDE_JAX_OFFLINE", "1")
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError(f"the subset table must not fetch anything: {args}")
+
+    monkeypatch.setattr(tokenizers.download, "fetch", no_fetch)
+    copy = tmp_path / "clip" / "clip_bpe_subset.json"
+    copy.parent.mkdir()
+    copy.write_bytes(CLIP_TABLE.read_bytes())  # a path never loaded before, so not an lru hit
+    tok = ClipBPETokenizer.from_table(copy)
+    assert tok.is_subset and tok.source == copy.resolve()
+    tokens, length = tok.padded_and_len("a red circle on a white background", 24)
+    assert length == 9 and tokens[0] == 49406 and tokens[8] == 49407 and not tokens[9:].any()
+    assert not (tmp_path / "cache").exists()
+    assert ClipBPETokenizer.from_table(copy)._bpe is tok._bpe, "tables are cached per file"
+
+
+def _corrupt(table, where):
+    bad = json.loads(json.dumps(table))
+    where(bad)
+    return bad
+
+
+@pytest.mark.parametrize("corruption, message", [
+    (lambda t: t.pop("merges"), r"missing key\(s\) \['merges'\]"),
+    (lambda t: t.update(extra=1), r"unknown key\(s\) \['extra'\]"),
+    (lambda t: t.update(format="v0"), "format is 'v0'"),
+    (lambda t: t.update(n_vocab=50000), "n_vocab is 50000"),
+    (lambda t: t["merges"].__setitem__(3, [515, "r"]), r"merges\[3\] = \[515, 'r'\]: expected \[id"),
+    (lambda t: t["merges"].__setitem__(3, ["515", "r", "e"]), r"merges\[3\]"),
+    (lambda t: t["merges"].insert(0, t["merges"].pop(1)), r"merges\[1\] = \[512, .*ids must increase"),
+    (lambda t: t["merges"].__setitem__(0, [49406, "i", "n"]), r"merges\[0\] = .*ids must increase"),
+    (lambda t: t["merges"].pop(0), r"'in' is neither a byte symbol nor an earlier merge"),
+    (lambda t: t["merges"].insert(1, [512, "i", "n"]), r"merges\[1\] = \[512, 'i', 'n'\]"),
+    (lambda t: t["words"].append(3), r"words\[\d+\] = 3"),
+])
+def test_clip_subset_table_rejects_a_corrupt_file(tmp_path, corruption, message):
+    table = json.loads(CLIP_TABLE.read_text(encoding="utf-8"))
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(_corrupt(table, corruption)), encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as info:
+        ClipBPETokenizer.from_table(path)
+    assert str(path) in str(info.value)
+
+
+def test_clip_subset_table_unreadable_or_missing(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text('{"format": ', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"CLIP BPE table {re.escape(str(path))} is not readable JSON"):
+        ClipBPETokenizer.from_table(path)
+    with pytest.raises(FileNotFoundError, match="nope.json not found"):
+        ClipBPETokenizer.from_table(tmp_path / "nope.json")

@@ -187,20 +187,28 @@ def test_offline_with_empty_cache_names_the_file(server, tmp_path):
     assert not (cache / "weights").exists()
 
 
-def test_file_that_does_not_convert_is_deleted(server, tiny_base, tmp_path):
+def test_file_that_does_not_convert_is_kept(server, tiny_base, tmp_path):
     cache = tmp_path / "cache"
     _serve_base(server, tiny_base, cache)
     # The tiny checkpoint against the released (full-size) config: the key/shape check rejects it.
     with pytest.raises(WeightsError) as info:
         load_released("base", cache=cache, progress=False)
     assert "does not match the model config" in str(info.value) and "expected shape" in str(info.value)
-    assert "Deleted" in str(info.value)
-    assert _leftovers(cache) == []
+    kept = cache / "weights" / "base.pt"
+    assert f"kept at {kept}" in str(info.value)
+    assert _leftovers(cache) == ["base.pt"] and kept.read_bytes() == tiny_base[1]
+
+    # The next call converts the kept file (with the right config this time) without downloading.
+    requests = len(server.requests)
+    _, params = load_released("base", cache=cache, config=tiny_base[0], progress=False)
+    _assert_same(params, tiny_base[2])
+    assert len(server.requests) == requests
 
     server.files["/weights/base.pt"] = b"not a zip file at all" * 100
+    cache = tmp_path / "other-cache"
     with pytest.raises(WeightsError, match="cannot be converted"):
         load_released("base", cache=cache, config=tiny_base[0], progress=False)
-    assert _leftovers(cache) == []
+    assert _leftovers(cache) == ["base.pt"]
 
 
 def test_failed_save_leaves_no_converted_dir(server, tiny_base, tmp_path, monkeypatch):
