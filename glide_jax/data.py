@@ -106,13 +106,36 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Fully decodes image bytes; a truncated or unreadable file raises SkipExample."""
+    """Fully decodes image bytes; a truncated or unreadable file, or one that would decode to
+    more than PIL's `Image.MAX_IMAGE_PIXELS` (a decompression bomb), raises SkipExample."""
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()    # PIL decodes lazily; force it so corrupt files fail here, not later
+    # (The warning arrives as an exception when warnings are errors, e.g. python -W error.)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipExample("decompression_bomb", f"{name}: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SkipExample("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that; the header is read, the pixels are
+    # not yet, so refuse before decoding. (Checked here rather than by turning the warning into
+    # an error: warning filters are process-wide and the loader decodes in several threads.)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.size[0] * image.size[1] > limit:
+        raise SkipExample("decompression_bomb", f"{name}: {image.size[0]}x{image.size[1]} pixels is "
+                          f"more than PIL's MAX_IMAGE_PIXELS {limit}")
+    try:
+        image.load()    # PIL decodes lazily; force it so corrupt files fail here, not later
+    except Exception as e:
+        raise SkipExample("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
     return image
+
+
+def _decode_caption(data: bytes, name: str) -> str:
+    """Caption bytes as UTF-8; anything else is skipped rather than trained on as U+FFFD."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipExample("invalid_caption", f"{name}: not valid UTF-8 (byte {e.start}: "
+                          f"{data[e.start:e.start + 4]!r})") from None
 
 
 def _pick_caption(text: str, name: str, rng: np.random.Generator) -> str:
@@ -200,9 +223,11 @@ class FolderSource(Source):
         path = self.images[index]
         caption_path = path.with_suffix(CAPTION_EXTENSION)
         try:
-            text = caption_path.read_text(encoding="utf-8", errors="replace")
+            text = _decode_caption(caption_path.read_bytes(), str(caption_path))
         except FileNotFoundError:
             raise SkipExample("missing_caption", f"{path}: no {caption_path.name}") from None
+        except OSError as e:
+            raise SkipExample("unreadable_file", f"{caption_path}: {e}") from None
         caption = _pick_caption(text, str(caption_path), rng)
         try:
             data = path.read_bytes()
@@ -214,12 +239,24 @@ class FolderSource(Source):
         return _fingerprint("folder", (p.relative_to(self.root).as_posix() for p in self.images))
 
 
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read as record data, or None for a plain relative file."""
+    if member.issym() or member.islnk():
+        return f"is a {'symlink' if member.issym() else 'hardlink'} (to {member.linkname!r})"
+    if not member.isfile():
+        return "is not a regular file"
+    if member.name.startswith("/") or ".." in member.name.split("/"):
+        return "has an absolute or '..' path"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _TarRecord:
     shard: int
     key: str
     image: tuple[str, int, int] | None     # (member name, data offset, size)
     caption: tuple[str, int, int] | None
+    unsafe: str | None = None              # why a member of this record is never read
 
 
 class TarSource(Source):
@@ -228,7 +265,13 @@ class TarSource(Source):
     `0001`). Shards are indexed once (member offsets), records are then read by seeking, so
     each host reads only its own records. Each shard is one group: an epoch visits shards in a
     shuffled order and the loader's shuffle buffer mixes records across neighbouring shards.
-    Records missing the image or the caption are kept and skipped (counted) when met."""
+    Records missing the image or the caption are kept and skipped (counted) when met.
+
+    Members are only ever read at their offset inside the shard, never extracted, so nothing is
+    written anywhere. A record with a member whose name is absolute or climbs out with `..`, or
+    that is a symlink, hardlink or device rather than a regular file, is kept as a record and
+    skipped (counted as `unsafe_member`) when met: such a shard was made by something other
+    than a dataset writer, and its links are never followed."""
 
     def __init__(self, shards: Sequence[str | Path]):
         if isinstance(shards, (str, Path)):
@@ -252,23 +295,28 @@ class TarSource(Source):
         try:
             # 'r:' (no compression) because records are read by seeking to member offsets.
             with tarfile.open(path, "r:") as tar:
-                members = [m for m in tar.getmembers() if m.isfile()]
+                members = [m for m in tar.getmembers() if not m.isdir()]
         except tarfile.ReadError as e:
             raise DataError(f"tar source: cannot read {path} as an uncompressed tar ({e}); "
                             "compressed shards are not supported, decompress them first") from None
         grouped: dict[str, dict[str, tuple[str, int, int]]] = {}
+        unsafe: dict[str, str] = {}
         for m in members:
             directory, _, base = m.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             if not dot:
                 continue
             key = f"{directory}/{stem}" if directory else stem
+            problem = _unsafe_member(m)
+            if problem:
+                unsafe.setdefault(key, f"member {m.name!r} {problem}")
+                continue
             grouped.setdefault(key, {})["." + ext.lower()] = (m.name, m.offset_data, m.size)
         records = []
-        for key in sorted(grouped):
-            parts = grouped[key]
+        for key in sorted(set(grouped) | set(unsafe)):
+            parts = grouped.get(key, {})
             image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-            records.append(_TarRecord(shard, key, image, parts.get(CAPTION_EXTENSION)))
+            records.append(_TarRecord(shard, key, image, parts.get(CAPTION_EXTENSION), unsafe.get(key)))
         return records
 
     def __len__(self) -> int:
@@ -289,11 +337,13 @@ class TarSource(Source):
     def load(self, index, epoch, image_size, rng):
         rec = self.records[index]
         where = f"{self.shards[rec.shard]}:{rec.key}"
+        if rec.unsafe:
+            raise SkipExample("unsafe_member", f"{where}: {rec.unsafe}")
         if rec.image is None:
             raise SkipExample("missing_image", f"{where}: no image member")
         if rec.caption is None:
             raise SkipExample("missing_caption", f"{where}: no .txt member")
-        text = self._read(rec.shard, rec.caption).decode("utf-8", errors="replace")
+        text = _decode_caption(self._read(rec.shard, rec.caption), f"{where}{CAPTION_EXTENSION}")
         caption = _pick_caption(text, where, rng)
         return decode_image(self._read(rec.shard, rec.image), where), caption
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -170,6 +171,23 @@ def _check_args(args) -> None:
         raise InputError(f"--strength must be a number in (0, 1], got {args.strength}")
     if args.sampler not in (None, "ddim") and args.eta:
         raise InputError("--eta applies to --sampler ddim only")
+    _check_out(args.out)
+
+
+def _check_out(out: str) -> None:
+    """--out must be creatable and writable, checked before minutes of sampling; nothing is
+    created here, so a run refused later leaves no empty directory behind."""
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        target = path
+    else:
+        target = next((p for p in path.absolute().parents if p.exists()), None)
+        if target is None or not target.is_dir():
+            raise InputError(f"--out {out} cannot be created: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out} cannot be written: {target} is not writable")
 
 
 def _apply_defaults(args, defaults) -> None:
