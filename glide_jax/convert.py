@@ -238,4 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glide_jax.errors import run_cli
+
+    sys.exit(run_cli(main, "glide_jax.convert"))

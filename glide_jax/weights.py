@@ -180,10 +180,13 @@ def _cast(params: Any, dtype) -> Any:
 def _convert_files(model: ReleasedModel, paths: list[Path], config: AnyConfig) -> Any:
     """The reference files -> float32 params (nothing written); raises WeightsError naming the file."""
     try:
+        for path, size in zip(paths, model.sizes):
+            # A cut or foreign file is reported as that, before the reader calls it corrupt.
+            download.check_file(path, size)
         if model.is_clip:
             return load_clip_checkpoints(paths[0], paths[1], config)
         return convert_state_dict(load_state_dict(paths[0]), config, source=str(paths[0]))
-    except (PtFormatError, ConversionError, ClipConversionError, ConfigError) as err:
+    except (PtFormatError, ConversionError, ClipConversionError, ConfigError, download.DownloadError) as err:
         raise WeightsError(f"{' and '.join(map(str, paths))} cannot be converted to the {model.name} "
                            f"model: {err}") from None
 
@@ -246,6 +249,8 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
     Raises `WeightsError` saying which file is missing or wrong, where, and how to provide it.
     """
     model = _released(name)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise WeightsError(f"retries must be a non-negative integer, got {retries!r}")
     config = _wanted_config(model, config)
     root = weights_dir(cache)
     converted = root / model.converted
@@ -288,7 +293,8 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
             # Kept: the download was complete (its size checked), so a format problem or a config
             # mismatch is fixed by the user or a newer glide-jax, never by fetching gigabytes again.
             kept = " and ".join(str(p) for p in paths)
-            raise WeightsError(f"{err}\nThe downloaded file(s) are kept at {kept}; delete them to "
+            raise WeightsError(f"{err}\nThe downloaded file(s) are kept at {kept} (complete: their size "
+                               f"checked out, so the content or its format is the problem); delete them to "
                                f"download again from {weights_url(model.files[0], base_url)}.") from None
         _save_converted(converted, params, config)
         if not keep_checkpoint:

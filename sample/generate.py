@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 EXIT_BAD_INPUT = 2
-EXIT_BUG = 1
+EXIT_BUG = 1   # glide_jax.errors.EXIT_BUG, without importing the package before XLA_FLAGS is set
 
 # What the help text quotes; the values in force come from the chosen models' Pipeline defaults
 # (glide_jax.pipeline.SamplingDefaults: the reference's, or demo/pipeline.json for the demo).
@@ -235,7 +235,8 @@ def _prompts(args) -> list[str]:
 
 
 def _writable(out: Path) -> None:
-    """Creates `out`, or says why it cannot be written, before any sampling time is spent."""
+    """Creates `out` once the models are loaded (`_check_out` refused what it could up front) and
+    proves it writable with a real file, before any sampling time is spent."""
     import tempfile
 
     try:
@@ -394,26 +395,10 @@ def bad_input_message(err: Exception) -> str | None:
     return None
 
 
-def report_bug(err: BaseException, program: str) -> int:
-    """An unexpected error: one line saying it is a bug and where the traceback was written."""
-    import tempfile
-    import traceback
-
-    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    try:
-        handle, path = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")
-        with open(handle, "w") as f:
-            f.write(text)
-        where = f"the traceback is in {path}"
-    except OSError:
-        where = "the traceback could not be written to a file:\n" + text
-    print(f"error: an unexpected error, which is a bug in glide-jax ({type(err).__name__}: "
-          f"{' '.join(str(err).split())[:300]}); {where}", file=sys.stderr)
-    return EXIT_BUG
-
-
 def handle_error(err: Exception, program: str) -> int:
     """The exit code for an error that reached a CLI's top level, after its one line on stderr."""
+    from glide_jax.errors import report_bug
+
     message = bad_input_message(err)
     if message is None:
         return report_bug(err, program)
@@ -465,7 +450,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- the one place every error of a run is reported
         return handle_error(err, "sample.generate")
     return 0
 

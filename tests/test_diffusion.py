@@ -327,10 +327,10 @@ def test_v_training_loss_targets_v_and_an_unknown_prediction_is_refused():
     from glide_jax.config import ModelConfig
     with pytest.raises(ConfigError, match=r"prediction must be one of \['eps', 'v'\], got 'V'"):
         ModelConfig(prediction="V")
-    # The sampling CLI and the evaluation build their diffusion from the model's config.
-    from sample.generate import diffusion_for
-    assert diffusion_for(ModelConfig(image_size=64, prediction="v"), "10").prediction == "v"
-    assert diffusion_for(ModelConfig(image_size=64), "10").prediction == "eps"
+    # The Pipeline (and with it the CLIs) builds its diffusions from the model's config.
+    from glide_jax.diffusion import diffusion_for_model
+    assert diffusion_for_model(ModelConfig(image_size=64, prediction="v"), "10").prediction == "v"
+    assert diffusion_for_model(ModelConfig(image_size=64), "10").prediction == "eps"
 
 
 def test_diffusion_for_model_follows_the_model_config():
