@@ -424,3 +424,15 @@ def test_attention_position_embedding_lets_attention_tell_places_apart():
     assert {name: layer["position_embedding"].shape for name, layer in shapes.items() if "position_embedding" in layer} == {
         "input_blocks_3_1": (16, 32), "middle_block_1": (16, 32), "output_blocks_0_1": (16, 32), "output_blocks_1_1": (16, 32)}
     assert not any("position_embedding" in layer for layer in param_shapes(config)["unet"].values())
+
+
+def test_bundled_demo_base_gives_the_recorded_output():
+    """The bundled base (with its text-layout extension) against its output recorded before the
+    model options were reorganised: refactoring the U-Net must not change what it computes."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    fixture = np.load(root / "tests" / "data" / "demo_base_output.npz")
+    config, params = load_model(root / "demo" / "base", dtype=np.float32)
+    model = GlideUNet(ModelConfig.from_dict(config))
+    out = model.apply({"params": params}, fixture["x"], fixture["t"], fixture["tokens"], fixture["mask"])
+    np.testing.assert_allclose(np.asarray(out), fixture["out"], rtol=0, atol=1e-5)
