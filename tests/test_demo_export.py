@@ -128,7 +128,8 @@ import probe_clip  # noqa: E402
 
 
 def test_binding_labels_mark_each_object_s_words_with_its_colour_shape_and_place():
-    from glide_jax import shapes, tokenizers
+    from demo import shapes
+    from glide_jax import tokenizers
 
     tokenizer = tokenizers.SentencePieceTokenizer(str(PROJECT_ROOT / "demo" / "tokenizer.model"))
     colour, kind, place = shapes.SHAPE_COLOURS.index, shapes.KINDS.index, bind_text.PLACES.index
@@ -244,7 +245,7 @@ def test_added_text_layout_changes_nothing_until_trained(tmp_path):
 
 
 def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
-    from glide_jax import shapes
+    from demo import shapes
 
     drawn = {}
     for objects in (2, 1):
@@ -274,7 +275,7 @@ def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
 
 
 def test_clip_probe_tells_a_clip_that_reads_the_whole_caption_from_one_that_reads_a_bag_of_words():
-    from glide_jax import shapes
+    from demo import shapes
 
     alpha_bar = np.linspace(0.999, 0.001, 1000)
 

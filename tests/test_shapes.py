@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from glide_jax import shapes as S
+from demo import shapes as S
 
 
 def _scenes(n, seed=0, split="train"):
