@@ -3,7 +3,7 @@
     python -m sample.evaluate --prompts 48 --seeds 2 --out out/eval
 
 For each condition, N prompts × M seeds are sampled with the same noise, and every image is
-read back by the shapes analyser (`glide_jax.shapes.analyse`) and checked against its caption:
+read back by the shapes analyser (`demo.shapes.analyse`) and checked against its caption:
 the colour and kind of every shape, the background, and for two-object prompts the relation of
 the centroids. Held-out combinations (colour-shape pairs never shown in training) are scored as
 colour and shape both right on the prompts that contain one. Conditions: classifier-free guidance
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from demo import shapes
 from sample import generate
-
-from glide_jax import shapes
 
 CFG_SCALES = (1.0, 3.0, 5.0, 8.0)
 UNGUIDED = "CFG 1 (no guidance)"
