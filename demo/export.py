@@ -219,11 +219,11 @@ def grow(args) -> None:
         if args.text_layers < config["xf_layers"]:
             raise SystemExit(f"error: --text-layers {args.text_layers} is fewer than the trained {config['xf_layers']}")
         config["xf_layers"] = args.text_layers
-    model_config = ModelConfig.from_dict(config)
+    grown_config = ModelConfig.from_dict(config)
     if args.text_layout:
-        model_config = dataclasses.replace(model_config, conditioning={"kind": "text_layout", "size": args.text_layout})
-    config = model_config.to_dict()
-    fresh = jax.tree.map(np.asarray, unet.init_params(model_config, jax.random.key(args.seed)))
+        grown_config = dataclasses.replace(grown_config, conditioning={"kind": "text_layout", "size": args.text_layout})
+    config = grown_config.to_dict()
+    fresh = jax.tree.map(np.asarray, unet.init_params(grown_config, jax.random.key(args.seed)))
     grown = grow_attention(params, fresh)
     if "text_encoder" in params:
         grown["text_encoder"] = grow_text_layers(params["text_encoder"], fresh["text_encoder"])

@@ -267,6 +267,36 @@ def _copy(response: BinaryIO, out: BinaryIO, done: int, limit: int | None, bar: 
         bar.update(done)
 
 
+def _download_with_retries(url: str, dest: Path, partial: Path, expected_size, progress, timeout,
+                           retries: int, retry_wait: float, hint: str) -> None:
+    """Attempts into `partial` until one completes; transient failures wait and try again."""
+    failures: list[str] = []
+    for attempt in range(retries + 1):
+        try:
+            _attempt(url, partial, expected_size, progress, timeout, dest.name)
+        except _Transient as e:
+            failures.append(str(e))
+            if attempt < retries:
+                time.sleep(min(retry_wait * 2**attempt, _MAX_WAIT))
+                continue
+            tried = "; ".join(f"attempt {i + 1}: {msg}" for i, msg in enumerate(failures))
+            kept = partial if partial.exists() else None
+            resume = (f"The partial file {partial} is kept and will be resumed." if kept
+                      else "Nothing was kept.")
+            raise DownloadError(
+                f"downloading {url} to {dest} failed after {attempt + 1} attempts ({tried}). "
+                f"{resume} {hint}", dest=dest, partial=kept) from e
+        except DownloadError as e:
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}",
+                                dest=dest) from e
+        except OSError as e:  # writing the partial file: disk full, permissions
+            kept = partial if partial.exists() else None
+            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}", dest=dest,
+                                partial=kept) from e
+        break
+
+
 def fetch(
     url: str,
     dest_path: str | os.PathLike,
@@ -318,32 +348,7 @@ def fetch(
         raise DownloadError(f"cannot create the directory for {dest}: {e}. {hint}",
                             dest=dest) from e
 
-    failures: list[str] = []
-    for attempt in range(retries + 1):
-        try:
-            _attempt(url, partial, expected_size, progress, timeout, dest.name)
-        except _Transient as e:
-            failures.append(str(e))
-            if attempt < retries:
-                time.sleep(min(retry_wait * 2**attempt, _MAX_WAIT))
-                continue
-            tried = "; ".join(f"attempt {i + 1}: {msg}" for i, msg in enumerate(failures))
-            kept = partial if partial.exists() else None
-            resume = (f"The partial file {partial} is kept and will be resumed." if kept
-                      else "Nothing was kept.")
-            raise DownloadError(
-                f"downloading {url} to {dest} failed after {attempt + 1} attempts ({tried}). "
-                f"{resume} {hint}", dest=dest, partial=kept) from e
-        except DownloadError as e:
-            partial.unlink(missing_ok=True)
-            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}",
-                                dest=dest) from e
-        except OSError as e:  # writing the partial file: disk full, permissions
-            kept = partial if partial.exists() else None
-            raise DownloadError(f"downloading {url} to {dest} failed: {e}. {hint}", dest=dest,
-                                partial=kept) from e
-        break
-
+    _download_with_retries(url, dest, partial, expected_size, progress, timeout, retries, retry_wait, hint)
     if not partial.exists():
         raise DownloadError(f"downloading {url} to {dest} produced no file. {hint}", dest=dest)
     problem = _verify(partial, expected_size, sha256)

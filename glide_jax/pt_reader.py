@@ -31,7 +31,6 @@ import pickle
 import struct
 import zipfile
 import zlib
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes

@@ -479,4 +479,6 @@ def _gather_json(value: Any) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glide_jax.errors import run_cli
+
+    sys.exit(run_cli(main, "train.train"))
