@@ -157,6 +157,7 @@ def app_url():
             process.kill()
             pytest.fail("the app did not start:\n" + "".join(log), pytrace=False)
     yield url, log
+    print("the app's output:\n" + "".join(log))  # shown when a test failed
     process.terminate()
     try:
         process.wait(timeout=20)
@@ -201,7 +202,7 @@ def _warning(page, text: str):
 def _wait_for_text(page, selector: str, text: str):
     """Waits until the element says `text`: the event that writes it has finished (while it runs,
     the element shows the event's progress instead)."""
-    page.locator(selector, has_text=text).wait_for(timeout=120_000)
+    page.locator(selector, has_text=text).wait_for(timeout=300_000)
 
 
 def _src(page, selector: str) -> str | None:
