@@ -310,16 +310,17 @@ def _edit_tab(gr, c, limits: Limits, pipe) -> None:
     size = pipe.output_size
     gr.Markdown("Paint over what should change, say what should be there, inpaint. "
                 "The result becomes the image being edited.")
+    # The editor has a row to itself: sharing one, it is resized whenever the images beside it
+    # change, and re-sends its canvas each time.
+    c.editor = gr.ImageEditor(
+        label=f"image being edited ({size}x{size})", type="numpy", image_mode="RGBA", format="png",
+        sources=(), transforms=(), layers=False, canvas_size=(size, size),
+        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=max(2, size // 8)),
+        elem_id="edit-editor", height=360)
     with gr.Row():
-        c.editor = gr.ImageEditor(
-            label=f"image being edited ({size}x{size})", type="numpy", image_mode="RGBA", format="png",
-            sources=(), transforms=(), layers=False, canvas_size=(size, size),
-            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=max(2, size // 8)),
-            elem_id="edit-editor", scale=2)
-        with gr.Column(scale=1):
-            c.result = gr.Image(label="result", format="png", interactive=False, elem_id="edit-result", height=240)
-            c.mask_used = gr.Image(label="mask used (white kept, black regenerated)", format="png",
-                                   interactive=False, elem_id="edit-mask", image_mode="L", height=240)
+        c.result = gr.Image(label="result", format="png", interactive=False, elem_id="edit-result", height=240)
+        c.mask_used = gr.Image(label="mask used (white kept, black regenerated)", format="png",
+                               interactive=False, elem_id="edit-mask", image_mode="L", height=240)
     with gr.Row():
         c.upload = gr.UploadButton("Upload an image", file_types=["image"], elem_id="edit-upload")
         c.edit_prompt = gr.Textbox(label="prompt for the painted region", value="a blue square",
