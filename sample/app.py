@@ -1,4 +1,4 @@
-"""Web app: text-to-image and iterative text-guided inpainting in the browser.
+"""Web app: text-to-image and text-guided inpainting in the browser.
 
     pip install -e ".[web]"
     python -m sample.app                          # bundled demo models, offline, http://127.0.0.1:7860
@@ -6,8 +6,9 @@
 
 Two tabs. "Generate": prompt, negative prompt, guidance (classifier-free or CLIP), sampler, steps,
 seed, number of images, upsampling. "Edit": upload an image or take a generated one, paint over
-what should change, give a prompt, inpaint; the result becomes the image being edited, and the
-history keeps every version (undo goes back one).
+what should change, give a prompt, inpaint; the history keeps every version (undo goes back
+one). The result is handed back to the editor, but gradio's editor does not yet reliably show it or
+send strokes painted on it, so a second edit from the page does not go through.
 
 The models load once at start into one `glide_jax.Pipeline`, which keeps its compiled sampling
 programs: a request with the same shapes (number of images, steps, sampler, guidance kind) as an
@@ -308,8 +309,7 @@ def _generate_tab(gr, c, limits: Limits, pipe) -> None:
 
 def _edit_tab(gr, c, limits: Limits, pipe) -> None:
     size = pipe.output_size
-    gr.Markdown("Paint over what should change, say what should be there, inpaint. "
-                "The result becomes the image being edited.")
+    gr.Markdown("Paint over what should change, say what should be there, inpaint.")
     # The editor has a row to itself: sharing one, it is resized whenever the images beside it
     # change, and re-sends its canvas each time.
     c.editor = gr.ImageEditor(
