@@ -12,7 +12,7 @@ The model's other parameters are written out unchanged; fine-tune the U-Net on t
 `optimizer.frozen` list, so the binding is kept, as a pretrained text encoder is kept fixed under a
 new image model.
 
-The labels come from the captions' grammar (`glide_jax.shapes.parse_caption`), so this works only
+The labels come from the captions' grammar (`demo.shapes.parse_caption`), so this works only
 for the procedural shapes domain; held-out colour-shape pairs never appear in its captions.
 """
 
@@ -48,7 +48,7 @@ def object_token_labels(caption: str, tokenizer, text_ctx: int) -> np.ndarray:
     a run read held-out pairs' colour from their shape word in 51-80% of cases, by seed, against
     100% for training pairs); with the place on both words, attention that matches the place finds
     both."""
-    from glide_jax import shapes
+    from demo import shapes
 
     spec = shapes.parse_caption(caption)
     places = _PLACES_BY_RELATION[spec.relation] if spec.relation else ("alone",)
@@ -80,7 +80,7 @@ def caption_batch(seed: int, start: int, size: int, tokenizer, text_ctx: int, sp
     """(tokens, mask, labels) of `size` captions of the `(seed, split)` scene stream from scene
     `start` on, and the index of the next scene: captions of the scenes that show none of `pairs`
     ("red square", ...), or with `with_pairs` of those that show one."""
-    from glide_jax import shapes
+    from demo import shapes
 
     rng = np.random.default_rng([seed, start])
     tokens, masks, labels = [], [], []
@@ -119,7 +119,7 @@ def bind(params: dict, config: dict, tokenizer, *, steps: int, batch_size: int, 
     import jax.numpy as jnp
     import optax
 
-    from glide_jax import shapes
+    from demo import shapes
     from glide_jax.config import ModelConfig
     from glide_jax.unet import GlideUNet
 
@@ -219,7 +219,8 @@ def main(argv=None) -> int:
 
     import json
 
-    from glide_jax import checkpoint, shapes, tokenizers
+    from demo import shapes
+    from glide_jax import checkpoint, tokenizers
 
     pairs = tuple(p.strip() for p in args.validation_pairs.split(",") if p.strip())
     known = [f"{c} {k}" for c, k in shapes.TRAIN_COMBINATIONS]

@@ -19,6 +19,7 @@ instead of the newest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -154,9 +155,8 @@ def grow_attention(trained: dict, grown: dict) -> dict:
     names of their sub-modules), since an inserted attention layer shifts the index of the
     upsampling layer after it; the layers only `grown` has must be attention layers and keep their
     initialisation, whose zero output projection makes them identity maps. What else only `grown`
-    has keeps its initialisation too, which changes nothing the model computes: a position embedding
-    (`attention_position_embedding`, zero), the text layout (`text_layout_size`) and each ResBlock's
-    zero projection of it."""
+    has keeps its initialisation too, which changes nothing the model computes: the text layout
+    (`conditioning` "text_layout") and each ResBlock's zero projection of it."""
     old_blocks, new_blocks = _blocks(trained["unet"]), _blocks(grown["unet"])
     if set(old_blocks) - set(new_blocks):
         raise SystemExit(f"error: the grown U-Net lacks {sorted(set(old_blocks) - set(new_blocks))}")
@@ -165,7 +165,7 @@ def grow_attention(trained: dict, grown: dict) -> dict:
         pending = list(old_blocks.get(block, []))
         for name, fresh in new_layers:
             trained_keys = set(pending[0][1]) if pending else set()
-            added = {key: fresh[key] for key in {"position_embedding", "layout_proj"} & (set(fresh) - trained_keys)}
+            added = {key: fresh[key] for key in {"layout_proj"} & (set(fresh) - trained_keys)}
             kept = {key: value for key, value in fresh.items() if key not in added}
             if pending and trained_keys == set(kept):
                 old_name, weights = pending.pop(0)
@@ -205,9 +205,8 @@ def grow(args) -> None:
     from glide_jax import checkpoint, unet
     from glide_jax.config import ModelConfig
 
-    if not (args.attention_resolutions or args.text_layers or args.attention_positions or args.text_layout):
-        raise SystemExit("error: grow needs --attention-resolutions, --text-layers, --attention-positions "
-                         "and/or --text-layout")
+    if not (args.attention_resolutions or args.text_layers or args.text_layout):
+        raise SystemExit("error: grow needs --attention-resolutions, --text-layers and/or --text-layout")
     if args.run:
         step, raw, params = newest_run_state(Path(args.run).absolute())
         config = model_config(raw)
@@ -220,19 +219,18 @@ def grow(args) -> None:
         if args.text_layers < config["xf_layers"]:
             raise SystemExit(f"error: --text-layers {args.text_layers} is fewer than the trained {config['xf_layers']}")
         config["xf_layers"] = args.text_layers
-    if args.attention_positions:
-        config["attention_position_embedding"] = True
+    grown_config = ModelConfig.from_dict(config)
     if args.text_layout:
-        config["text_layout_size"] = args.text_layout
-    fresh = jax.tree.map(np.asarray, unet.init_params(ModelConfig.from_dict(config), jax.random.key(args.seed)))
+        grown_config = dataclasses.replace(grown_config, conditioning={"kind": "text_layout", "size": args.text_layout})
+    config = grown_config.to_dict()
+    fresh = jax.tree.map(np.asarray, unet.init_params(grown_config, jax.random.key(args.seed)))
     grown = grow_attention(params, fresh)
     if "text_encoder" in params:
         grown["text_encoder"] = grow_text_layers(params["text_encoder"], fresh["text_encoder"])
     checkpoint.save_model(Path(args.out), grown, config, overwrite=True)
     added = unet.count_params(grown) - unet.count_params(params)
-    positions = ", position embeddings" if config.get("attention_position_embedding") else ""
-    if config.get("text_layout_size"):
-        positions += f", a {config['text_layout_size']}x{config['text_layout_size']} text layout"
+    layout = config["conditioning"]
+    positions = f", a {layout['size']}x{layout['size']} text layout" if layout else ""
     origin = f"step {step}" if step is not None else f"from {args.model}"
     print(f"wrote {args.out}: {origin}, attention at {config['attention_resolutions']}{positions}, "
           f"{config['xf_layers']} text layers, {added} new params")
@@ -260,10 +258,8 @@ def main(argv=None) -> int:
     g.add_argument("--out", required=True)
     g.add_argument("--attention-resolutions", help="U-Net attention resolutions of the grown model, e.g. 16,8")
     g.add_argument("--text-layers", type=int, help="text-transformer layers of the grown model")
-    g.add_argument("--attention-positions", action="store_true",
-                   help="add a position embedding (zero) to every attention layer (attention_position_embedding)")
     g.add_argument("--text-layout", type=int, metavar="SIZE",
-                   help="add a SIZE x SIZE map of the caption over the image (text_layout_size), changing nothing")
+                   help="add a SIZE x SIZE map of the caption over the image (conditioning text_layout), changing nothing")
     g.add_argument("--seed", type=int, default=0, help="initialises the added layers")
     args = parser.parse_args(argv)
     {"model": export_model, "init": export_init, "inpaint-init": inpaint_init, "grow": grow}[args.command](args)

@@ -16,7 +16,6 @@ shapes module and the vocabulary, so rerunning it gives the same file.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -29,13 +28,7 @@ if str(ROOT) not in sys.path:
 
 from glide_jax import tokenizers  # noqa: E402
 
-try:
-    # Where the domain lives once demo/ is a package; before that, in glide_jax.
-    shapes = importlib.import_module("demo.shapes")
-except ModuleNotFoundError as e:
-    if e.name not in ("demo", "demo.shapes"):
-        raise
-    from glide_jax import shapes  # noqa: E402
+from demo import shapes  # noqa: E402
 
 DEFAULT_OUT = ROOT / "demo" / "clip" / "clip_bpe_subset.json"
 SAMPLED_SCENES = 1000

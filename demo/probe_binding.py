@@ -40,7 +40,7 @@ Predictor = Callable[[np.ndarray, int, Sequence[str]], np.ndarray]
 def probe_scenes(count: int, seed: int, objects: int) -> list:
     """The first `count` training scenes of stream `seed` with `objects` shapes (of two different
     colours when there are two)."""
-    from glide_jax import shapes
+    from demo import shapes
 
     scenes, index = [], 0
     while len(scenes) < count:
@@ -53,7 +53,7 @@ def probe_scenes(count: int, seed: int, objects: int) -> list:
 
 def object_areas(scene, size: int) -> list[np.ndarray]:
     """Per shape, the pixels [size, size] at least half covered by it (drawn alone)."""
-    from glide_jax import shapes
+    from demo import shapes
 
     background = np.asarray(shapes.COLOURS[scene.background], np.float32)
     areas = []
@@ -67,7 +67,7 @@ def object_areas(scene, size: int) -> list[np.ndarray]:
 def changed_colours(scene) -> tuple[str, ...]:
     """The colours the changed caption gives the scene's shapes: two shapes swap theirs; one shape
     gets the next colour of the palette that is neither its own nor the background."""
-    from glide_jax import shapes
+    from demo import shapes
 
     if len(scene.shapes) == 2:
         return tuple(shape.colour for shape in shapes.swapped(scene, "colour").shapes)
@@ -81,7 +81,7 @@ def changed_colours(scene) -> tuple[str, ...]:
 def captions(scenes, change_colours: bool) -> list[str]:
     """One phrasing per scene (cycling through the phrasings), with the colours changed
     (`changed_colours`) if asked; the same phrasing either way, so only the colours differ."""
-    from glide_jax import shapes
+    from demo import shapes
 
     out = []
     for i, scene in enumerate(scenes):
@@ -100,7 +100,7 @@ def follow_rates(predict: Predictor, alpha_bar: np.ndarray, count: int = 64, see
     the objects; "recoloured": one-object scenes, a caption naming another colour}}: the share of
     objects whose predicted colour is nearer the one the caption names than the other. The same
     noise for every t and caption."""
-    from glide_jax import shapes
+    from demo import shapes
 
     def colour(name):
         return np.asarray(shapes.COLOURS[name], np.float32) / 127.5 - 1

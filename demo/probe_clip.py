@@ -37,7 +37,7 @@ Scorer = Callable[[np.ndarray, int, Sequence[str]], np.ndarray]
 def probe_scenes(count: int, seed: int) -> list:
     """The first `count` two-object training scenes of stream `seed` whose objects differ in both
     colour and shape, so that every near miss changes the caption."""
-    from glide_jax import shapes
+    from demo import shapes
 
     scenes, index = [], 0
     while len(scenes) < count:
@@ -50,7 +50,7 @@ def probe_scenes(count: int, seed: int) -> list:
 
 def near_misses(scene) -> dict:
     """{name in NEAR_MISSES: SceneSpec} for a scene of `probe_scenes`."""
-    from glide_jax import shapes
+    from demo import shapes
 
     inverted, across, _ = shapes.other_relations(scene.spec)
     return {"colours swapped": shapes.swapped(scene, "colour").spec, "shapes swapped": shapes.swapped(scene, "kind").spec,
@@ -59,7 +59,7 @@ def near_misses(scene) -> dict:
 
 def phrase(spec, index: int) -> str:
     """Phrasing `index` (cycling) of `spec`: the same index for a scene and its near misses."""
-    from glide_jax import shapes
+    from demo import shapes
 
     phrasings = shapes.captions_for(spec)
     return phrasings[index % len(phrasings)]

@@ -3,7 +3,9 @@
 A saved model is a directory:
 
     DIRECTORY/config.json   the model's options (any JSON object)
-    DIRECTORY/params/       the params pytree, written by orbax
+    DIRECTORY/params/       the params pytree, written by orbax (format "orbax", the default)
+ or DIRECTORY/model.safetensors   the same leaves by their "/"-joined paths (format "safetensors":
+                                  the exchange format other tools and the Hugging Face Hub read)
 
 Saving is atomic at the level of DIRECTORY: everything is written into a temporary sibling and
 moved into place only once complete, so a crash or an exception mid-save never leaves a
@@ -29,10 +31,12 @@ import orbax.checkpoint as ocp
 from glide_jax.config import ConfigError, read_json_object
 
 __all__ = ["CheckpointError", "save_model", "load_model", "restore_params", "CONFIG_FILE",
-           "PARAMS_DIR"]
+           "PARAMS_DIR", "SAFETENSORS_FILE", "FORMATS", "is_saved_model"]
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+SAFETENSORS_FILE = "model.safetensors"
+FORMATS = ("orbax", "safetensors")
 
 
 class CheckpointError(ValueError):
@@ -62,8 +66,47 @@ def _config_json(config: dict) -> str:
         raise CheckpointError(f"config is not JSON-serialisable: {err}") from None
 
 
-def _looks_like_model(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and (directory / PARAMS_DIR).is_dir()
+def is_saved_model(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a config and params in either format."""
+    directory = Path(directory)
+    return (directory / CONFIG_FILE).is_file() and (
+        (directory / PARAMS_DIR).is_dir() or (directory / SAFETENSORS_FILE).is_file())
+
+
+def _flat(params: Any) -> dict[str, np.ndarray]:
+    """Leaves by their "/"-joined dict keys (Flax param trees are nested dicts of arrays)."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [getattr(k, "key", None) for k in path]
+        if any(not isinstance(k, str) or "/" in k for k in keys):
+            raise CheckpointError(f"params leaf {jax.tree_util.keystr(path)}: safetensors needs nested dicts "
+                                  f"with string keys without '/'")
+        flat["/".join(keys)] = np.asarray(leaf)
+    return flat
+
+
+def _unflat(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _write_safetensors(path: Path, params: Any) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = _flat(params)
+    unsupported = {k: str(v.dtype) for k, v in tensors.items() if v.dtype.name == "bfloat16"}
+    if unsupported:
+        # numpy's safetensors writer has no bfloat16; widening is exact.
+        tensors = {k: (v.astype(np.float32) if k in unsupported else v) for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "glide-jax"})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -107,8 +150,11 @@ def _sync(name: str) -> None:
 
 
 def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, format: str = "orbax") -> Path:
     """Write `params` and `config` to `directory` atomically; returns the directory's path.
+
+    `format` "orbax" (sharded, multi-host) or "safetensors" (one file, written by process 0;
+    bfloat16 leaves are stored as float32).
 
     Refuses (`FileExistsError`) if `directory` exists, unless `overwrite=True`; even then it only
     replaces a directory that holds a saved model (`config.json` and `params/`), so a mistyped
@@ -116,14 +162,17 @@ def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
     JAX processes every process must call this with the same arguments, as orbax requires.
     """
     directory = Path(directory).absolute()
+    if format not in FORMATS:
+        raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
     config_text = _config_json(config)
     _check_params(params)
     if directory.exists() or directory.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-        if not directory.is_dir() or not _looks_like_model(directory):
+        if not directory.is_dir() or not is_saved_model(directory):
             raise FileExistsError(
-                f"{directory} exists but is not a saved model (no {CONFIG_FILE} and {PARAMS_DIR}/); "
+                f"{directory} exists but is not a saved model (no {CONFIG_FILE} and {PARAMS_DIR}/ or "
+                f"{SAFETENSORS_FILE}); "
                 f"refusing to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
 
@@ -144,12 +193,16 @@ def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
                 f.flush()
                 os.fsync(f.fileno())
         _sync(f"glide_jax.save_model.staged:{directory}")
-        checkpointer = ocp.StandardCheckpointer()
-        try:
-            checkpointer.save(staged / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
-        finally:
-            checkpointer.close()
+        if format == "safetensors":
+            if primary:
+                _write_safetensors(staged / SAFETENSORS_FILE, jax.device_get(params))
+        else:
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                checkpointer.save(staged / PARAMS_DIR, params)
+                checkpointer.wait_until_finished()
+            finally:
+                checkpointer.close()
         _sync(f"glide_jax.save_model.written:{directory}")
         if primary:
             _move_into_place(staged, directory)
@@ -165,13 +218,29 @@ def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
 
 
 def _locate(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """The model directory and its params: the `params/` folder or the safetensors file."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"saved model directory {directory} does not exist")
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
-        raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ folder; not a saved model")
+        if (directory / SAFETENSORS_FILE).is_file():
+            return directory, directory / SAFETENSORS_FILE
+        raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ folder or {SAFETENSORS_FILE}; "
+                                f"not a saved model")
     return directory, params_dir
+
+
+def _read_safetensors(path: Path, dtype) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return _unflat({k: (v.astype(_cast_dtype(v.dtype, dtype)) if _cast_dtype(v.dtype, dtype) else v)
+                    for k, v in flat.items()})
 
 
 def _read_config(directory: Path) -> dict:
@@ -210,6 +279,8 @@ def load_model(directory: str | os.PathLike, *, dtype=None) -> tuple[dict, Any]:
     """
     directory, params_dir = _locate(directory)
     config = _read_config(directory)
+    if params_dir.name == SAFETENSORS_FILE:
+        return config, _read_safetensors(params_dir, dtype)
     metadata = _param_metadata(params_dir)
     restore_args = jax.tree.map(
         lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=_cast_dtype(m.dtype, dtype)),
@@ -234,6 +305,8 @@ def restore_params(directory: str | os.PathLike,
     holds. `dtype` casts floating-point leaves, as in `load_model`.
     """
     directory, params_dir = _locate(directory)
+    if params_dir.name == SAFETENSORS_FILE:
+        return _place_all(_read_safetensors(params_dir, dtype), sharding)
     metadata = _param_metadata(params_dir)
     meta_leaves, treedef = jax.tree_util.tree_flatten_with_path(metadata)
 
@@ -263,3 +336,13 @@ def restore_params(directory: str | os.PathLike,
     except Exception as err:
         raise CheckpointError(f"{params_dir}: cannot restore params "
                               f"({type(err).__name__}: {err})") from None
+
+
+def _place_all(params: Any, sharding) -> Any:
+    """Host params placed as `restore_params` takes `sharding` (one, a tree, or a function)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.device_put(params, sharding)
+    if callable(sharding):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: jax.device_put(a, sharding(jax.tree_util.keystr(path), a.shape, a.dtype)), params)
+    return jax.device_put(params, sharding)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,14 @@ GLIDE_VOCAB_SIZE = 50257
 
 # What a diffusion model's output can predict (ModelConfig.prediction).
 PREDICTIONS = ("eps", "v")
-# What the text layout's places take from the caption (ModelConfig.text_layout_values).
-TEXT_LAYOUT_VALUES = ("features", "words")
+# Keys of older configs: what replaces each (`ModelConfig.from_dict` migrates them).
+REMOVED_KEYS = {
+    "attention_position_embedding": "nothing (it did not help the demo base, demo/REPRODUCE.md); only false is accepted",
+    "text_layout_values": "nothing: the text layout reads the transformer's features (\"words\" did not help, "
+                          "demo/REPRODUCE.md); only \"features\" is accepted",
+    "text_layout_size": 'conditioning: {"kind": "text_layout", "size": ..., "heads": ...}',
+    "text_layout_heads": 'conditioning: {"kind": "text_layout", "size": ..., "heads": ...}',
+}
 
 # Keys that appear in the reference's `*.config.json` / `model_and_diffusion_defaults()` but do
 # not change the network: they are accepted and kept for round-tripping, never silently dropped.
@@ -74,29 +81,9 @@ class ModelConfig:
     # GLIDE model) or "v" (alpha·eps - sigma·x_0, Salimans & Ho 2022; see glide_jax.diffusion).
     # Same network and params either way, but not interchangeable: it belongs to the weights.
     prediction: str = "eps"
-    # A learned embedding of each image position, added to every attention layer's normalised input
-    # (zero at initialisation; its shape ties the model to image_size). GLIDE has none: its attention
-    # cannot tell places apart, and the convolutions' padding is the network's only sense of where it
-    # is. Meant to help a small model place "the red circle to the left of the blue square"; on the
-    # demo base it did not (demo/REPRODUCE.md).
-    attention_position_embedding: bool = False
-    # A map of the caption over the image: a text_layout_size² grid of learned queries, one per place,
-    # attends to the text transformer's tokens, and every ResBlock adds a projection of that map
-    # (resized to its resolution, zero at initialisation) to its timestep scale and shift. GLIDE
-    # gives the caption's pooled vector to every place alike, and its tokens only through attention
-    # that must first find the place in a noisy image; this path lets the caption alone say "red here,
-    # blue there" at the noisiest steps, where a small model settles the colours. With hard-negative
-    # captions (run config `negative_weight`) it binds the demo base's colours and shapes to their
-    # objects; trained without them, it learned nothing (demo/REPRODUCE.md, item 7). 0: off (GLIDE).
-    text_layout_size: int = 0
-    text_layout_heads: int = 4
-    # What each place of the layout takes from the words it attends to. "features": the text
-    # transformer's outputs, which also say what the rest of the caption is. "words": the words'
-    # own embeddings (normalised), while where to look still comes from the outputs, so a place
-    # receives a mix of word vectors each seen in training even for a colour-shape pair never
-    # shown. Same parameters either way. Meant for held-out pairs; on the demo base it did not
-    # help them (demo/REPRODUCE.md).
-    text_layout_values: str = "features"
+    # An optional conditioning extension (`glide_jax.conditioning`), as {"kind": ..., **options};
+    # None for GLIDE. The bundled demo base uses {"kind": "text_layout", "size": 8, "heads": 4}.
+    conditioning: Any = None
     # Reference keys with no effect on the network (see NON_ARCHITECTURE_KEYS).
     kind: str | None = None
     use_fp16: bool = False
@@ -121,16 +108,13 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        if self.text_layout_size < 0:
-            raise ConfigError(f"text_layout_size must be 0 (off) or positive, got {self.text_layout_size}")
-        if self.text_layout_size and not self.has_text:
-            raise ConfigError("text_layout_size needs a text transformer (xf_width > 0)")
-        if self.text_layout_size and (self.text_layout_heads <= 0 or self.xf_width % self.text_layout_heads):
-            raise ConfigError(f"text_layout_heads {self.text_layout_heads} must be positive and divide "
-                              f"xf_width {self.xf_width}")
-        if self.text_layout_values not in TEXT_LAYOUT_VALUES:
-            raise ConfigError(f"text_layout_values must be one of {list(TEXT_LAYOUT_VALUES)}, "
-                              f"got {self.text_layout_values!r}")
+        if self.conditioning is not None:
+            from .conditioning import parse_conditioning
+            # Frozen: a dict spec becomes its (hashable) options object once, here.
+            object.__setattr__(self, "conditioning", parse_conditioning(self.conditioning))
+            validate = getattr(self.conditioning, "validate", None)
+            if validate is not None:
+                validate(self)
         if self.norm_groups <= 0:
             raise ConfigError(f"norm_groups must be positive, got {self.norm_groups}")
         for mult in self.channel_multipliers:
@@ -214,6 +198,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ModelConfig":
+        values = _migrate(values, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -236,7 +221,32 @@ class ModelConfig:
         return cls.from_dict(read_json_object(path, "model config"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        from .conditioning import conditioning_spec
+        return {**dataclasses.asdict(self), "conditioning": conditioning_spec(self.conditioning)}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def _migrate(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with the keys of older configs (`REMOVED_KEYS`) replaced: a setting that still means
+    something is rewritten with a one-line warning, one that no longer can is a ConfigError."""
+    old = {key: values[key] for key in REMOVED_KEYS if key in values}
+    if not old:
+        return values
+    if old.get("attention_position_embedding", False) is not False:
+        raise ConfigError(f"{source}: attention_position_embedding was removed; replaced by "
+                          f"{REMOVED_KEYS['attention_position_embedding']}")
+    if old.get("text_layout_values", "features") != "features":
+        raise ConfigError(f"{source}: text_layout_values {old['text_layout_values']!r} was removed; replaced by "
+                          f"{REMOVED_KEYS['text_layout_values']}")
+    values = {key: value for key, value in values.items() if key not in REMOVED_KEYS}
+    if old.get("text_layout_size"):
+        if values.get("conditioning") is not None:
+            raise ConfigError(f"{source}: both text_layout_size and conditioning are set; keep only conditioning")
+        values["conditioning"] = {"kind": "text_layout", "size": old["text_layout_size"],
+                                  "heads": old.get("text_layout_heads", 4)}
+    replaced = ", ".join(sorted(old))
+    now = f"conditioning {values['conditioning']}" if old.get("text_layout_size") else "nothing (their defaults)"
+    warnings.warn(f"{source}: model config key(s) {replaced} are deprecated; read as {now}", FutureWarning, stacklevel=3)
+    return values

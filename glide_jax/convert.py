@@ -3,6 +3,7 @@
     python -m glide_jax.convert --checkpoint base.pt --config configs/base.json --out models/base
     python -m glide_jax.convert --clip-image clip_image_enc.pt --clip-text clip_text_enc.pt \
         --config configs/clip.json --out models/clip
+    python -m glide_jax.convert --model-dir models/base --format safetensors --out hub/base
 
 The Flax modules are named after the reference's module tree, so every parameter's reference key
 follows from its Flax path by a few renaming rules (`torch_key`). The converter builds the full
@@ -23,7 +24,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flax import traverse_util
@@ -142,25 +142,35 @@ def _convert(state_dict, expected, source) -> dict:
 
 
 def convert_checkpoint(checkpoint: str | Path, config: ModelConfig, out_dir: str | Path, *,
-                       overwrite: bool = False) -> dict:
-    """`.pt` file -> params saved with orbax in `out_dir` (with the config beside them)."""
+                       overwrite: bool = False, format: str = "orbax") -> dict:
+    """`.pt` file -> params saved in `out_dir` (orbax or safetensors, with the config beside them)."""
     from .checkpoint import save_model
     from .pt_reader import load_state_dict
 
     state_dict = load_state_dict(checkpoint)
     params = convert_state_dict(state_dict, config, source=str(checkpoint))
-    save_model(out_dir, params, config.to_dict(), overwrite=overwrite)
+    save_model(out_dir, params, config.to_dict(), overwrite=overwrite, format=format)
     return params
 
 
 def convert_clip_checkpoints(image_checkpoint: str | Path, text_checkpoint: str | Path, config,
-                             out_dir: str | Path, *, overwrite: bool = False) -> dict:
-    """The noised CLIP's two `.pt` files -> one orbax params tree (image and text encoders) in `out_dir`."""
+                             out_dir: str | Path, *, overwrite: bool = False, format: str = "orbax") -> dict:
+    """The noised CLIP's two `.pt` files -> one params tree (image and text encoders) in `out_dir`."""
     from .checkpoint import save_model
     from .clip import load_clip_checkpoints
 
     params = load_clip_checkpoints(image_checkpoint, text_checkpoint, config)
-    save_model(out_dir, params, config.to_dict(), overwrite=overwrite)
+    save_model(out_dir, params, config.to_dict(), overwrite=overwrite, format=format)
+    return params
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                 format: str = "safetensors") -> dict:
+    """A converted model (either format) written again in `format`, its config unchanged."""
+    from .checkpoint import load_model, save_model
+
+    config, params = load_model(model_dir)
+    save_model(out_dir, params, config, overwrite=overwrite, format=format)
     return params
 
 
@@ -187,22 +197,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="reference U-Net .pt state dict (torch is not needed)")
     parser.add_argument("--clip-image", help="the noised CLIP's image encoder .pt (with --clip-text)")
     parser.add_argument("--clip-text", help="the noised CLIP's text encoder .pt (with --clip-image)")
-    parser.add_argument("--config", required=True, help="model config JSON (the reference's option names)")
-    parser.add_argument("--out", required=True, help="output directory for the orbax params + config.json")
+    parser.add_argument("--model-dir", help="a converted model directory to write again in --format")
+    parser.add_argument("--config", help="model config JSON (the reference's option names; not with --model-dir)")
+    parser.add_argument("--out", required=True, help="output directory for the params + config.json")
+    parser.add_argument("--format", choices=("orbax", "safetensors"), default="orbax",
+                        help="orbax (default; sharded restore on many hosts) or safetensors (one file, for "
+                             "exchange and the Hugging Face Hub)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted model")
     args = parser.parse_args(argv)
     is_clip = bool(args.clip_image or args.clip_text)
-    if is_clip == bool(args.checkpoint) or (is_clip and not (args.clip_image and args.clip_text)):
-        parser.error("give either --checkpoint (a U-Net) or both --clip-image and --clip-text")
+    if sum(map(bool, (args.checkpoint, is_clip, args.model_dir))) != 1 or (
+            is_clip and not (args.clip_image and args.clip_text)):
+        parser.error("give one of --checkpoint (a U-Net), both --clip-image and --clip-text, or --model-dir")
+    if bool(args.config) == bool(args.model_dir):
+        parser.error("--config goes with --checkpoint/--clip-*, and a --model-dir brings its own")
     try:
-        if is_clip:
+        if args.model_dir:
+            from .checkpoint import CheckpointError
+
+            try:
+                params = export_model(args.model_dir, args.out, overwrite=args.overwrite, format=args.format)
+            except CheckpointError as err:
+                raise ValueError(str(err)) from None
+            source = args.model_dir
+        elif is_clip:
             config = ClipConfig.from_json(args.config)
             params = convert_clip_checkpoints(args.clip_image, args.clip_text, config, args.out,
-                                              overwrite=args.overwrite)
+                                              overwrite=args.overwrite, format=args.format)
             source = f"{args.clip_image} + {args.clip_text}"
         else:
             config = ModelConfig.from_json(args.config)
-            params = convert_checkpoint(args.checkpoint, config, args.out, overwrite=args.overwrite)
+            params = convert_checkpoint(args.checkpoint, config, args.out, overwrite=args.overwrite,
+                                        format=args.format)
             source = args.checkpoint
     except (ConfigError, ConversionError, ClipConversionError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -212,4 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glide_jax.errors import run_cli
+
+    sys.exit(run_cli(main, "glide_jax.convert"))

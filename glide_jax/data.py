@@ -2,7 +2,7 @@
 
 Data path::
 
-    source (folder | tar shards | procedural shapes)
+    source (folder | tar shards | a registered plugin kind, e.g. the demo's procedural shapes)
       -> per-epoch order (seeded shuffle of records / shards) -> this host's share
       -> seeded shuffle buffer -> decode, resize shorter side, centre crop, [-1, 1]
       -> fixed-size batches {"images": (B, H, W, 3) float32, "captions": list[str]}
@@ -49,12 +49,11 @@ import queue
 import tarfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from glide_jax import shapes as shapes_lib
 from glide_jax.masks import MaskConfig, sample_mask
 
 log = logging.getLogger(__name__)
@@ -106,13 +105,36 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Fully decodes image bytes; a truncated or unreadable file raises SkipExample."""
+    """Fully decodes image bytes; a truncated or unreadable file, or one that would decode to
+    more than PIL's `Image.MAX_IMAGE_PIXELS` (a decompression bomb), raises SkipExample."""
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()    # PIL decodes lazily; force it so corrupt files fail here, not later
+    # (The warning arrives as an exception when warnings are errors, e.g. python -W error.)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipExample("decompression_bomb", f"{name}: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SkipExample("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that; the header is read, the pixels are
+    # not yet, so refuse before decoding. (Checked here rather than by turning the warning into
+    # an error: warning filters are process-wide and the loader decodes in several threads.)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.size[0] * image.size[1] > limit:
+        raise SkipExample("decompression_bomb", f"{name}: {image.size[0]}x{image.size[1]} pixels is "
+                          f"more than PIL's MAX_IMAGE_PIXELS {limit}")
+    try:
+        image.load()    # PIL decodes lazily; force it so corrupt files fail here, not later
+    except Exception as e:
+        raise SkipExample("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
     return image
+
+
+def _decode_caption(data: bytes, name: str) -> str:
+    """Caption bytes as UTF-8; anything else is skipped rather than trained on as U+FFFD."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipExample("invalid_caption", f"{name}: not valid UTF-8 (byte {e.start}: "
+                          f"{data[e.start:e.start + 4]!r})") from None
 
 
 def _pick_caption(text: str, name: str, rng: np.random.Generator) -> str:
@@ -200,9 +222,11 @@ class FolderSource(Source):
         path = self.images[index]
         caption_path = path.with_suffix(CAPTION_EXTENSION)
         try:
-            text = caption_path.read_text(encoding="utf-8", errors="replace")
+            text = _decode_caption(caption_path.read_bytes(), str(caption_path))
         except FileNotFoundError:
             raise SkipExample("missing_caption", f"{path}: no {caption_path.name}") from None
+        except OSError as e:
+            raise SkipExample("unreadable_file", f"{caption_path}: {e}") from None
         caption = _pick_caption(text, str(caption_path), rng)
         try:
             data = path.read_bytes()
@@ -214,12 +238,24 @@ class FolderSource(Source):
         return _fingerprint("folder", (p.relative_to(self.root).as_posix() for p in self.images))
 
 
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read as record data, or None for a plain relative file."""
+    if member.issym() or member.islnk():
+        return f"is a {'symlink' if member.issym() else 'hardlink'} (to {member.linkname!r})"
+    if not member.isfile():
+        return "is not a regular file"
+    if member.name.startswith("/") or ".." in member.name.split("/"):
+        return "has an absolute or '..' path"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _TarRecord:
     shard: int
     key: str
     image: tuple[str, int, int] | None     # (member name, data offset, size)
     caption: tuple[str, int, int] | None
+    unsafe: str | None = None              # why a member of this record is never read
 
 
 class TarSource(Source):
@@ -228,7 +264,13 @@ class TarSource(Source):
     `0001`). Shards are indexed once (member offsets), records are then read by seeking, so
     each host reads only its own records. Each shard is one group: an epoch visits shards in a
     shuffled order and the loader's shuffle buffer mixes records across neighbouring shards.
-    Records missing the image or the caption are kept and skipped (counted) when met."""
+    Records missing the image or the caption are kept and skipped (counted) when met.
+
+    Members are only ever read at their offset inside the shard, never extracted, so nothing is
+    written anywhere. A record with a member whose name is absolute or climbs out with `..`, or
+    that is a symlink, hardlink or device rather than a regular file, is kept as a record and
+    skipped (counted as `unsafe_member`) when met: such a shard was made by something other
+    than a dataset writer, and its links are never followed."""
 
     def __init__(self, shards: Sequence[str | Path]):
         if isinstance(shards, (str, Path)):
@@ -252,23 +294,28 @@ class TarSource(Source):
         try:
             # 'r:' (no compression) because records are read by seeking to member offsets.
             with tarfile.open(path, "r:") as tar:
-                members = [m for m in tar.getmembers() if m.isfile()]
+                members = [m for m in tar.getmembers() if not m.isdir()]
         except tarfile.ReadError as e:
             raise DataError(f"tar source: cannot read {path} as an uncompressed tar ({e}); "
                             "compressed shards are not supported, decompress them first") from None
         grouped: dict[str, dict[str, tuple[str, int, int]]] = {}
+        unsafe: dict[str, str] = {}
         for m in members:
             directory, _, base = m.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             if not dot:
                 continue
             key = f"{directory}/{stem}" if directory else stem
+            problem = _unsafe_member(m)
+            if problem:
+                unsafe.setdefault(key, f"member {m.name!r} {problem}")
+                continue
             grouped.setdefault(key, {})["." + ext.lower()] = (m.name, m.offset_data, m.size)
         records = []
-        for key in sorted(grouped):
-            parts = grouped[key]
+        for key in sorted(set(grouped) | set(unsafe)):
+            parts = grouped.get(key, {})
             image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-            records.append(_TarRecord(shard, key, image, parts.get(CAPTION_EXTENSION)))
+            records.append(_TarRecord(shard, key, image, parts.get(CAPTION_EXTENSION), unsafe.get(key)))
         return records
 
     def __len__(self) -> int:
@@ -289,11 +336,13 @@ class TarSource(Source):
     def load(self, index, epoch, image_size, rng):
         rec = self.records[index]
         where = f"{self.shards[rec.shard]}:{rec.key}"
+        if rec.unsafe:
+            raise SkipExample("unsafe_member", f"{where}: {rec.unsafe}")
         if rec.image is None:
             raise SkipExample("missing_image", f"{where}: no image member")
         if rec.caption is None:
             raise SkipExample("missing_caption", f"{where}: no .txt member")
-        text = self._read(rec.shard, rec.caption).decode("utf-8", errors="replace")
+        text = _decode_caption(self._read(rec.shard, rec.caption), f"{where}{CAPTION_EXTENSION}")
         caption = _pick_caption(text, where, rng)
         return decode_image(self._read(rec.shard, rec.image), where), caption
 
@@ -301,206 +350,74 @@ class TarSource(Source):
         return _fingerprint("tar", (f"{r.shard}/{r.key}" for r in self.records))
 
 
-# Seeds the draw of partial captions apart from the scene stream's own generator.
-_PARTIAL_CAPTION_STREAM = 0x9A27
-# ... and the draw of which records' negatives name another relation.
-_RELATION_NEGATIVE_STREAM = 0x9A28
+# -- the registry of source kinds ----------------------------------------------------------------
 
-# ShapesSource's `attribute_negatives` settings besides False (off).
-ATTRIBUTE_NEGATIVES = ("changed", "copied")
-# What a relation negative may name (`relation_negative_kinds`): the inverse relation, or one
-# across the relation's axis (`shapes.other_relations`).
-RELATION_NEGATIVE_KINDS = ("inverted", "across")
+@dataclasses.dataclass(frozen=True)
+class _SourceKind:
+    factory: Callable[[dict[str, Any]], Source]
+    keys: frozenset[str]
 
 
-class ShapesSource(Source):
-    """The procedural captioned-shapes dataset (`glide_jax.shapes`), rendered directly at the
-    loader's image size. It is endless; an "epoch" is `epoch_size` fresh scenes (epoch e
-    holds scenes e*epoch_size ... (e+1)*epoch_size - 1 of the `(seed, split)` stream), which
-    gives it the same position bookkeeping as the file sources. The caption phrasing is chosen
-    per record from the loader's seeded per-record generator. With `attribute_negatives`
-    ("changed" or "copied"), its negative captions (`negative_caption`) also name one wrong colour
-    or shape. `extra_shape_colours` and `extra_shape_kinds` (train split only) also draw shapes in
-    those palette colours and of those kinds (`shapes.training_combinations`). `partial_captions`
-    is the share of records whose caption leaves out one object's colour or kind ("a white shape",
-    "a triangle"), so that a colour word must be followed where its object is, whatever the shape
-    there, and likewise a shape word. `relation_negatives` is the share of two-shape records whose
-    negative caption names another relation instead, since the swaps and changes all keep the
-    relation right: of the `relation_negative_kinds` ("inverted", "across"; both by default, drawn
-    as often), which one per record."""
-
-    shuffle = False   # scenes are independent draws already
-
-    def __init__(self, seed: int = 0, split: str = "train", epoch_size: int = 100_000,
-                 attribute_negatives: bool | str = False, extra_shape_colours: Sequence[str] = (),
-                 partial_captions: float = 0.0, extra_shape_kinds: Sequence[str] = (),
-                 relation_negatives: float = 0.0, relation_negative_kinds: Sequence[str] = RELATION_NEGATIVE_KINDS):
-        if split not in shapes_lib.SPLITS:
-            raise DataError(f"shapes source: 'split' must be one of {shapes_lib.SPLITS}, got {split!r}")
-        if epoch_size <= 0:
-            raise DataError(f"shapes source: 'epoch_size' must be positive, got {epoch_size}")
-        if not (attribute_negatives is False or attribute_negatives in ATTRIBUTE_NEGATIVES):
-            raise DataError(f"shapes source: 'attribute_negatives' must be false or one of "
-                            f"{list(ATTRIBUTE_NEGATIVES)}, got {attribute_negatives!r}")
-        for key, value, what in (("extra_shape_colours", extra_shape_colours, "colour"),
-                                 ("extra_shape_kinds", extra_shape_kinds, "shape kind")):
-            if not isinstance(value, (list, tuple)):
-                raise DataError(f"shapes source: {key!r} must be a list of {what} names, got {value!r}")
-            if value and split != "train":
-                raise DataError(f"shapes source: {key!r} apply to the train split only, got split {split!r}")
-        try:
-            self.allowed = (shapes_lib.training_combinations(extra_shape_colours, extra_shape_kinds)
-                            if split == "train" else shapes_lib.ALL_COMBINATIONS)
-        except ValueError as e:
-            raise DataError(f"shapes source: {e}") from None
-        for key, value in (("partial_captions", partial_captions), ("relation_negatives", relation_negatives)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise DataError(f"shapes source: {key!r} must be a fraction in [0, 1], got {value!r}")
-        if isinstance(relation_negative_kinds, str) or not relation_negative_kinds \
-                or not set(relation_negative_kinds) <= set(RELATION_NEGATIVE_KINDS):
-            raise DataError(f"shapes source: 'relation_negative_kinds' must be a non-empty list of "
-                            f"{list(RELATION_NEGATIVE_KINDS)}, got {relation_negative_kinds!r}")
-        self.seed, self.split, self.epoch_size = int(seed), split, int(epoch_size)
-        self.attribute_negatives = attribute_negatives
-        self.partial_captions = float(partial_captions)
-        self.relation_negatives = float(relation_negatives)
-        self.relation_negative_kinds = tuple(dict.fromkeys(relation_negative_kinds))
-        self.extra_shape_colours = tuple(extra_shape_colours)
-        self.extra_shape_kinds = tuple(extra_shape_kinds)
-
-    def __len__(self):
-        return self.epoch_size
-
-    def groups(self):
-        return [(0, self.epoch_size)]
-
-    def scene(self, index: int, epoch: int) -> shapes_lib.Scene:
-        return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
-                                   self.extra_shape_colours, self.extra_shape_kinds)
-
-    def left_out(self, index: int, epoch: int,
-                 scene: shapes_lib.Scene | None = None) -> tuple[int, str] | None:
-        """For a `partial_captions` share of records, which object's colour or kind their caption
-        leaves out (`shapes.captions_for`); drawn from the record's own index, so that the
-        caption and the (then absent) negative agree however the records are split up. `scene`:
-        the record's scene, where the caller has it already."""
-        if not self.partial_captions:
-            return None
-        global_index = epoch * self.epoch_size + index
-        rng = np.random.default_rng([self.seed, _PARTIAL_CAPTION_STREAM, global_index])
-        if rng.random() >= self.partial_captions:
-            return None
-        if scene is None:
-            scene = self.scene(index, epoch)
-        which = int(rng.integers(len(scene.shapes)))
-        return which, ("colour", "kind")[int(rng.integers(2))]
-
-    def load(self, index, epoch, image_size, rng):
-        scene = self.scene(index, epoch)
-        options = shapes_lib.captions_for(scene.spec, self.left_out(index, epoch, scene))
-        return scene.render(image_size), options[int(rng.integers(len(options)))]
-
-    def negative_caption(self, index, epoch, rng):
-        # The two shapes' colours, or their kinds, exchanged: the caption's words unchanged, their
-        # binding reversed; which of the two alternates from record to record. Nothing names a
-        # held-out colour-shape pair, which training never shows.
-        # With attribute_negatives, every third two-shape record instead has one shape's colour
-        # changed ("copied": to the other shape's where that names a training pair, else, as with
-        # "changed", to one neither shape has), and a one-shape record its colour (odd records) or
-        # kind (even ones): the swaps teach which object each word belongs to, these that every
-        # word must be followed, and the copies that one object's colour must not spill onto the other.
-        # A partial caption has none: its swaps would have to leave the same word out, and one
-        # that names fewer words may well explain the image worse than a full, wrong one.
-        scene, allowed = self.scene(index, epoch), self.allowed
-        if self.left_out(index, epoch, scene) is not None:
-            return None
-        if self.relation_negatives and len(scene.shapes) == 2:
-            draw = np.random.default_rng([self.seed, _RELATION_NEGATIVE_STREAM, epoch * self.epoch_size + index])
-            if draw.random() < self.relation_negatives:
-                inverse, *across = shapes_lib.other_relations(scene.spec)
-                kind = self.relation_negative_kinds[int(draw.integers(len(self.relation_negative_kinds)))]
-                spec = inverse if kind == "inverted" else across[int(draw.integers(len(across)))]
-                options = shapes_lib.captions_for(spec)
-                return options[int(rng.integers(len(options)))]
-        if self.attribute_negatives and len(scene.shapes) == 2 and index % 3 == 2:
-            which = (index // 3) % 2
-            copy = shapes_lib.copied(scene, which) if self.attribute_negatives == "copied" else None
-            if copy is not None and set(copy.spec.objects) <= set(allowed):
-                return copy.caption(rng)
-            options, pick = shapes_lib.changed(scene, which, "colour", allowed), index // 6
-        elif self.attribute_negatives and len(scene.shapes) == 1:
-            if index % 2:
-                options, pick = shapes_lib.changed(scene, 0, "colour", allowed), index // 6
-            else:
-                options, pick = shapes_lib.changed(scene, 0, "kind", allowed), index // 2
-        else:
-            options = [other for other in (shapes_lib.swapped(scene, "colour"), shapes_lib.swapped(scene, "kind"))
-                       if other is not None and set(other.spec.objects) <= set(allowed)]
-            pick = index
-        if not options:
-            return None
-        return options[pick % len(options)].caption(rng)
-
-    def object_boxes(self, index, epoch):
-        return [s.box for s in self.scene(index, epoch).shapes]
-
-    def fingerprint(self):
-        extra = f":+{','.join(self.extra_shape_colours)}" if self.extra_shape_colours else ""
-        extra += f":kinds+{','.join(self.extra_shape_kinds)}" if self.extra_shape_kinds else ""
-        partial = f":partial{self.partial_captions:g}" if self.partial_captions else ""
-        return f"shapes:{self.seed}:{self.split}:{self.epoch_size}{extra}{partial}"
+_SOURCES: dict[str, _SourceKind] = {}
 
 
-_SOURCE_KEYS = {"folder": {"kind", "path"}, "tar": {"kind", "shards"},
-                "shapes": {"kind", "seed", "split", "epoch_size", "attribute_negatives",
-                           "extra_shape_colours", "extra_shape_kinds", "partial_captions",
-                           "relation_negatives", "relation_negative_kinds"}}
+def register_source(kind: str, factory: Callable[[dict[str, Any]], Source], keys: Iterable[str]) -> None:
+    """Makes `{"kind": kind, ...}` a source spec for `make_source`: `factory(spec)` builds it, and
+    `keys` are the spec keys it takes besides "kind" (any other is an error naming them). A plugin
+    module calls this on import; the training CLI imports the modules in `data.plugins` first."""
+    entry = _SourceKind(factory, frozenset(keys) | {"kind"})
+    if kind in _SOURCES and _SOURCES[kind] != entry:
+        raise ValueError(f"data source kind {kind!r} is already registered")
+    _SOURCES[kind] = entry
+
+
+def registered_sources() -> list[str]:
+    return sorted(_SOURCES)
 
 
 def make_source(spec: dict[str, Any]) -> Source:
-    """A source from a config dict:
+    """A source from a config dict, by its registered kind:
 
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
-    * `{"kind": "shapes", "seed": 0, "split": "train", "epoch_size": 100000,
-      "attribute_negatives": false | "changed" | "copied", "extra_shape_colours": ["black", "gray"],
-      "extra_shape_kinds": ["diamond", "cross"], "partial_captions": 0.25, "relation_negatives": 0.5,
-      "relation_negative_kinds": ["inverted", "across"]}` (all optional but `kind`)
+    * any kind a plugin registered (`register_source`), e.g. the demo's "shapes" (`demo.sources`)
     """
     if not isinstance(spec, dict):
         raise DataError(f"data source spec must be a dict, got {type(spec).__name__}")
     kind = spec.get("kind")
-    if kind not in _SOURCE_KEYS:
-        raise DataError(f"data source 'kind' must be one of {sorted(_SOURCE_KEYS)}, got {kind!r}")
-    unknown = set(spec) - _SOURCE_KEYS[kind]
+    if kind not in _SOURCES:
+        raise DataError(f"data source 'kind' {kind!r} is not registered; registered kinds: {registered_sources()} "
+                        "(a plugin module registers more when imported: the run config's data.plugins)")
+    unknown = set(spec) - _SOURCES[kind].keys
     if unknown:
         raise DataError(f"unknown key(s) {sorted(unknown)} for a {kind!r} data source; "
-                        f"allowed: {sorted(_SOURCE_KEYS[kind])}")
-    if kind == "folder":
-        if "path" not in spec:
-            raise DataError("folder data source needs 'path'")
-        return FolderSource(spec["path"])
-    if kind == "tar":
-        if "shards" not in spec:
-            raise DataError("tar data source needs 'shards' (a list of paths or a glob pattern)")
-        shards = spec["shards"]
-        if isinstance(shards, str):
-            pattern = Path(shards)
-            shards = sorted(pattern.parent.glob(pattern.name))
-            if not shards:
-                raise DataError(f"tar data source: 'shards' pattern {spec['shards']!r} matches no file")
-        elif not isinstance(shards, (list, tuple)):
-            raise DataError(f"tar data source: 'shards' must be a list or a glob pattern, got "
-                            f"{type(shards).__name__}")
-        return TarSource(shards)
-    return ShapesSource(seed=spec.get("seed", 0), split=spec.get("split", "train"),
-                        epoch_size=spec.get("epoch_size", 100_000),
-                        attribute_negatives=spec.get("attribute_negatives", False),
-                        extra_shape_colours=spec.get("extra_shape_colours", ()),
-                        extra_shape_kinds=spec.get("extra_shape_kinds", ()),
-                        partial_captions=spec.get("partial_captions", 0.0),
-                        relation_negatives=spec.get("relation_negatives", 0.0),
-                        relation_negative_kinds=spec.get("relation_negative_kinds", RELATION_NEGATIVE_KINDS))
+                        f"allowed: {sorted(_SOURCES[kind].keys)}")
+    return _SOURCES[kind].factory(spec)
+
+
+def _folder_source(spec: dict[str, Any]) -> FolderSource:
+    if "path" not in spec:
+        raise DataError("folder data source needs 'path'")
+    return FolderSource(spec["path"])
+
+
+def _tar_source(spec: dict[str, Any]) -> TarSource:
+    if "shards" not in spec:
+        raise DataError("tar data source needs 'shards' (a list of paths or a glob pattern)")
+    shards = spec["shards"]
+    if isinstance(shards, str):
+        pattern = Path(shards)
+        shards = sorted(pattern.parent.glob(pattern.name))
+        if not shards:
+            raise DataError(f"tar data source: 'shards' pattern {spec['shards']!r} matches no file")
+    elif not isinstance(shards, (list, tuple)):
+        raise DataError(f"tar data source: 'shards' must be a list or a glob pattern, got "
+                        f"{type(shards).__name__}")
+    return TarSource(shards)
+
+
+register_source("folder", _folder_source, keys=("path",))
+register_source("tar", _tar_source, keys=("shards",))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------
@@ -737,7 +654,7 @@ class DataLoader:
             raise DataError(f"low_res_size {low_res_size} must divide image_size {image_size}")
         if masks is not None and masks.object_weight > 0 and type(source).object_boxes is Source.object_boxes:
             raise DataError(f"masks.object_weight is {masks.object_weight}, but a {type(source).__name__} "
-                            "does not know where its objects are; use 'object' masks with the shapes source")
+                            "does not know where its objects are (it defines no object_boxes)")
         self.source = source
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -745,8 +662,8 @@ class DataLoader:
         self.prefetch, self.workers = int(prefetch), int(workers)
         self.low_res_size, self.degradation, self.mask_config = low_res_size, degradation, masks
         if negatives and type(source).negative_caption is Source.negative_caption:
-            raise DataError(f"negative captions were asked for, but a {type(source).__name__} has none; "
-                            "the shapes source makes them")
+            raise DataError(f"negative captions were asked for, but a {type(source).__name__} has none "
+                            "(it defines no negative_caption)")
         self._maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks, negatives)
         self._pool = None
         self._fingerprint = source.fingerprint()

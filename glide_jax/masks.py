@@ -133,7 +133,7 @@ def sample_mask_and_kind(height: int, width: int, rng: np.random.Generator,
         raise ValueError(f"mask size must be positive, got {height}x{width}")
     if config.object_weight > 0 and not object_boxes:
         raise ValueError("MaskConfig.object_weight > 0 needs the objects' boxes, and none were given "
-                         "(only sources that know their objects, such as 'shapes', provide them)")
+                         "(only sources that define object_boxes provide them)")
     weights = np.asarray(config.weights, dtype=np.float64)
     kind = MASK_KINDS[int(rng.choice(len(MASK_KINDS), p=weights / weights.sum()))]
     if kind == "rect":

@@ -57,18 +57,52 @@ def _env(names: Sequence[str]) -> str | None:
     return None
 
 
+# Where a launcher already says how many processes there are, `jax.distributed.initialize()` reads
+# the rest (coordinator, process id) itself: name -> (variable that marks it, variable of its size).
+_CLUSTER_MARKERS = {
+    "Slurm": ("SLURM_JOB_ID", ("SLURM_NTASKS", "SLURM_NPROCS")),
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_SIZE",)),
+    "MPICH": ("PMI_SIZE", ("PMI_SIZE",)),
+    "a Cloud TPU slice": ("TPU_WORKER_HOSTNAMES", ()),
+    "GKE": ("JOB_COMPLETION_INDEX", ("NUM_PROCESSES",)),
+}
+
+
+def detected_cluster() -> str | None:
+    """The launcher of a multi-process run whose topology JAX reads by itself, if any."""
+    for name, (marker, sizes) in _CLUSTER_MARKERS.items():
+        if not os.environ.get(marker):
+            continue
+        if name == "a Cloud TPU slice":
+            if len([h for h in os.environ["TPU_WORKER_HOSTNAMES"].split(",") if h.strip()]) > 1:
+                return name
+            continue
+        size = next((os.environ[v] for v in sizes if os.environ.get(v)), "1")
+        if size.isdigit() and int(size) > 1:
+            return name
+    return None
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Joins a multi-process run; must be called before anything touches a device.
 
     Arguments left out are read from `GLIDE_COORDINATOR_ADDRESS` (host:port), `GLIDE_NUM_PROCESSES`
-    and `GLIDE_PROCESS_ID` (the `JAX_*` spellings also work). With one process (nothing set) this
-    does nothing and returns False. On CPU the collectives go through gloo, the only CPU backend
-    that crosses process boundaries.
+    and `GLIDE_PROCESS_ID` (the `JAX_*` spellings also work). Without them, a run started by a
+    launcher JAX knows (Slurm, Open MPI, MPICH, a multi-host Cloud TPU slice, GKE; see
+    `detected_cluster`) calls `jax.distributed.initialize()` with no arguments and lets JAX read
+    the topology. With one process this does nothing and returns False. On CPU the collectives go
+    through gloo, the only CPU backend that crosses process boundaries.
     """
     coordinator_address = coordinator_address or _env(_ENV_COORDINATOR)
     raw_num = num_processes if num_processes is not None else _env(_ENV_NUM_PROCESSES)
     raw_id = process_id if process_id is not None else _env(_ENV_PROCESS_ID)
+    if coordinator_address is None and raw_num is None and raw_id is None:
+        if detected_cluster() is None:
+            return False
+        _cpu_collectives()
+        jax.distributed.initialize()
+        return True
     try:
         num = int(raw_num) if raw_num is not None else 1
         pid = int(raw_id) if raw_id is not None else None
@@ -83,11 +117,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if pid is None or not 0 <= pid < num:
         raise ParallelError(f"process id must be in [0, {num}) for a {num}-process run, got {raw_id!r} "
                             f"(set GLIDE_PROCESS_ID)")
+    _cpu_collectives()
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num, process_id=pid)
+    return True
+
+
+def _cpu_collectives() -> None:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms in ("", "cpu") or platforms.startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num, process_id=pid)
-    return True
 
 
 def is_primary() -> bool:

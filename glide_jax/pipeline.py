@@ -121,8 +121,13 @@ class Pipeline:
         if dtype not in stages.DTYPES:
             raise PipelineError(f"dtype must be one of {tuple(stages.DTYPES)}, got {dtype!r}")
         self.source = str(source)
-        self.directory = None if self.source == "glide" else (
-            weights.DEMO_DIR if self.source == "demo" else Path(source).expanduser())
+        if self.source == "glide":
+            self.directory = None
+        elif self.source == "demo":
+            self.directory = weights.DEMO_DIR
+        else:
+            # A Hub repository id is resolved once, to its local snapshot, which is then a directory.
+            self.directory = weights.hub_snapshot(self.source) if weights.is_hub_id(source) else Path(source).expanduser()
         if self.directory is not None and not self.directory.is_dir():
             raise PipelineError(f"model source {self.source!r}: expected 'demo', 'glide' or a directory of "
                                 f"models, and {self.directory} is not a directory")
@@ -143,7 +148,9 @@ class Pipeline:
         released GLIDE weights, downloaded and converted once; `released_options` such as
         `cache=`/`offline=` go to `weights.load_released`), or a directory of converted models
         (`base/`, `upsample/`, `base_inpaint/`, `upsample_inpaint/`, `clip/`) or of the reference's
-        `.pt` files. `preload` loads those models now; the others load on first use.
+        `.pt` files, or a Hugging Face Hub repository id ("owner/name") holding such a directory
+        (through huggingface_hub's cache; `HF_HUB_OFFLINE=1` is respected). `preload` loads those
+        models now; the others load on first use.
         `compile_cache` keeps compiled programs on disk for later processes (`glide_jax.compile_cache`)."""
         pipe = cls(source, dtype=dtype, mesh=mesh, vocab_dir=vocab_dir, compile_cache=compile_cache,
                    **released_options)
@@ -162,7 +169,8 @@ class Pipeline:
         if name not in self._models:
             from glide_jax import weights
 
-            config, params = weights.load(self.source, name, dtype=np.float32, **self._released_options)
+            where = "glide" if self.directory is None else ("demo" if self.source == "demo" else self.directory)
+            config, params = weights.load(where, name, dtype=np.float32, **self._released_options)
             # A model without a text encoder (the demo upsampler) needs no vocabulary at all.
             tokenizer = self._tokenizer(name) if name == "clip" or config.has_text else None
             self._models[name] = _Model(config, stages.prepare_params(params, self.mesh), tokenizer)
@@ -206,15 +214,15 @@ class Pipeline:
         return self.model("upsample").config.image_size
 
     def _diffusion(self, config, respacing, start_step: int | None = None):
-        from glide_jax.diffusion import DiffusionConfigError, diffusion_for_model
+        from glide_jax.diffusion import DiffusionConfigError, diffusion_for_model  # noqa: F401
 
         if start_step is not None and start_step >= config.diffusion_steps - 1:
             start_step = None   # the last step: the full chain from pure noise
-        key = (config.diffusion_steps, config.noise_schedule, config.prediction, str(respacing), start_step)
+        key = (config, str(respacing), start_step)
         if key not in self._diffusions:
             try:
                 self._diffusions[key] = diffusion_for_model(config, str(respacing), start_step=start_step)
-            except DiffusionConfigError as err:
+            except (DiffusionConfigError, ValueError) as err:
                 raise PipelineError(f"steps {respacing!r}: {err}") from None
         return self._diffusions[key]
 
@@ -237,7 +245,8 @@ class Pipeline:
                  sampler: str | None = None, steps: int | str | None = None, eta: float = 0.0,
                  upsample: bool = True, upsample_steps: int | str | None = None,
                  upsample_sampler: str | None = None, upsample_start: int | None = None,
-                 upsample_temp: float | None = None, noise=None, first_index: int = 0,
+                 upsample_temp: float | None = None, init_image=None, strength: float | None = None,
+                 noise=None, first_index: int = 0,
                  progress: ProgressFn | None = None, warn: Callable[[str], None] | None = None,
                  _inpaint: tuple | None = None) -> PipelineOutput:
         """Text → images. `prompts` one or many; `num_images_per_prompt` images of each, image i
@@ -245,7 +254,10 @@ class Pipeline:
         1 samples the conditional model alone) or "clip" (the noised CLIP, `clip_guidance_scale`).
         `negative_prompt` (one, or one per prompt) conditions classifier-free guidance's other row
         instead of the empty prompt. `steps` an int or a respacing string ("100", "fast27",
-        "ddim50", "10,10,10"). `noise` (N, s, s, 3) replaces the base stage's x_T. `progress(stage,
+        "ddim50", "10,10,10"). `init_image` (a PIL image or (H, W, 3) uint8 array, or one per
+        prompt) is img2img (SDEdit): the image is noised to `strength` (0 < s <= 1, default 0.8)
+        of the chain, and `steps` are spread over that part. `noise` (N, s, s, 3) replaces the
+        base stage's x_T (for img2img, the noise added to the image). `progress(stage,
         step, total)` is called as each step of the compiled loop runs. Arguments left None take
         `self.defaults`."""
         rows = _expand(prompts, num_images_per_prompt, "prompts")
@@ -257,8 +269,17 @@ class Pipeline:
         key = jax.random.key(seed)
         timings: dict[str, StageTiming] = {}
         settings = self._settings(guidance, guidance_scale, clip_guidance_scale, sampler, steps, eta)
+        init = None
+        if init_image is not None:
+            if _inpaint is not None:
+                raise PipelineError("init_image (img2img) and inpainting do not go together")
+            settings["strength"] = _check_strength(0.8 if strength is None else strength)
+            init = np.repeat(np.stack([image_lib.image_to_array(i, self.base_size) for i in _per_prompt(
+                init_image, len(rows) // num_images_per_prompt, "init_image")]), num_images_per_prompt, 0)
+        elif strength is not None:
+            raise PipelineError("strength applies to init_image (img2img) only")
         base = self._sample_base(rows, negatives, settings, jax.random.fold_in(key, 0), noise, first_index,
-                                 progress, warn, timings, _inpaint)
+                                 progress, warn, timings, _inpaint, init)
         out = base
         if upsample:
             up = self._upsample_settings(upsample_steps, upsample_sampler, upsample_start, upsample_temp,
@@ -347,14 +368,18 @@ class Pipeline:
                 "upsample_sampler": sampler, "upsample_start": int(start),
                 "upsample_temp": d.upsample_temp if temp is None else temp}
 
-    def _sample_base(self, rows, negatives, settings, key, noise, first_index, progress, warn, timings, inpaint):
+    def _sample_base(self, rows, negatives, settings, key, noise, first_index, progress, warn, timings, inpaint,
+                     init):
         name = "base-inpaint" if inpaint is not None else "base"
         model = self.model(name)
         config = model.config
-        diffusion = self._diffusion(config, settings["steps"])
+        start = None if init is None else max(1, round(settings["strength"] * config.diffusion_steps) - 1)
+        diffusion = self._diffusion(config, settings["steps"], start)
         tokens, mask = self._text(model, rows, "base", warn)
         common = dict(diffusion=diffusion, sampler=settings["sampler"], eta=settings["eta"], dtype=self.dtype,
-                      mesh=self.mesh, noise=noise, first_index=first_index, progress=progress is not None)
+                      mesh=self.mesh, noise=noise, first_index=first_index, progress=progress is not None,
+                      # At strength 1 the chain starts from pure noise: the image has no say.
+                      init_image=None if diffusion.starts_from_noise else init)
         if inpaint is not None:
             common.update(self._inpaint_inputs(inpaint, config.image_size, config.image_size, len(rows)))
         timing = timings["base"] = StageTiming()
@@ -453,6 +478,16 @@ def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise PipelineError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     return int(seed)
+
+
+def _check_strength(strength) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise PipelineError(f"strength must be a number in (0, 1], got {strength!r}") from None
+    if not 0 < value <= 1:
+        raise PipelineError(f"strength must be a number in (0, 1], got {strength!r}")
+    return value
 
 
 def _per_prompt(value, n: int, what: str) -> list:

@@ -1,30 +1,36 @@
 """Read PyTorch `torch.save` checkpoints into numpy without importing torch.
 
-Only the zip format (the default since torch 1.6) is supported. Such a file is a zip archive
-holding `<archive>/data.pkl` (the pickled object, where every storage is a persistent id),
-`<archive>/data/<key>` (the raw bytes of each storage), `<archive>/byteorder` and
-`<archive>/version`.
+Both formats torch writes are read:
+- the zip format (the default since torch 1.6): a zip archive holding `<archive>/data.pkl` (the
+  pickled object, where every storage is a persistent id), `<archive>/data/<key>` (the raw bytes
+  of each storage), `<archive>/byteorder` and `<archive>/version`;
+- the legacy format (`_use_new_zipfile_serialization=False`, and everything before torch 1.6):
+  five pickles in a row (a magic number, the protocol version 1001, a `sys_info` dict with the
+  byte order, the object, the sorted list of storage keys), then each storage in that order as
+  an int64 element count and its raw bytes.
+The still older tar format (torch < 0.4) is refused with advice.
 
-A pickle can run arbitrary code, so `data.pkl` is read with an unpickler that resolves only the
-handful of globals a state dict needs (tensor and parameter rebuild functions, storage type names,
-`collections.OrderedDict`); every other global is refused before anything is called.
+A pickle can run arbitrary code, so the object's pickle is read with an unpickler that resolves
+only the handful of globals a state dict needs (tensor and parameter rebuild functions, storage
+type names, `collections.OrderedDict`); every other global is refused before anything is called.
+The legacy format's small header pickles are read with no globals at all.
 
 Unpickling produces lightweight tensor references; storages are read afterwards, once each,
-straight from the archive into a numpy buffer, and every tensor is cut out of its storage. A
-tensor that is the sole, contiguous user of its whole storage takes the buffer without a copy,
-which keeps the peak memory of a ~1.5 GB checkpoint close to its size.
+straight from the file into a numpy buffer, and every tensor is cut out of its storage. A tensor
+that is the sole, contiguous user of its whole storage takes the buffer without a copy, which
+keeps the peak memory of a ~1.5 GB checkpoint close to its size.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import pickle
 import struct
 import zipfile
 import zlib
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -34,7 +40,7 @@ __all__ = ["PtFormatError", "UnsafePickleError", "load_pickle_tree", "load_state
 
 
 class PtFormatError(ValueError):
-    """The file is not a readable PyTorch zip checkpoint; the message names the file."""
+    """The file is not a readable PyTorch checkpoint; the message names the file."""
 
 
 class UnsafePickleError(PtFormatError):
@@ -73,6 +79,9 @@ class _StorageType:
 
 
 class _StorageRef:
+    # No __dict__: a pickle's BUILD opcode cannot overwrite these fields with something else.
+    __slots__ = ("key", "dtype", "numel")
+
     def __init__(self, key: str, dtype: np.dtype, numel: int):
         self.key = key
         self.dtype = dtype
@@ -81,6 +90,8 @@ class _StorageRef:
 
 class _TensorRef:
     """A tensor as the pickle describes it; materialised once all storages are known."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "stands_for")
 
     def __init__(self, storage: _StorageRef, offset: int, shape: tuple, stride: tuple,
                  stands_for: _StorageRef | None = None):
@@ -133,9 +144,10 @@ def _make_rebuilders(path: str):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, storage_lookup):
+    def __init__(self, file, path: str, storage_lookup, legacy: bool = False):
         super().__init__(file)
         self._path = path
+        self._legacy = legacy
         self._allowed = _make_rebuilders(path)
         self._storage_lookup = storage_lookup
 
@@ -149,7 +161,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"only tensors, storages and plain containers are allowed (nothing was executed)")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        kind = pid[0] if isinstance(pid, tuple) and pid else None
+        if isinstance(kind, bytes):  # files pickled by Python 2 torch carry byte strings
+            kind = kind.decode("ascii", "replace")
+        if kind == "module":
+            raise UnsafePickleError(
+                f"{self._path}: the pickle holds a whole module class (a legacy 'module' "
+                f"persistent id), which only torch.load can rebuild by importing code; save the "
+                f"model's state_dict() instead (nothing was executed)")
+        if self._legacy:
+            # ('storage', type, key, location, numel, view_metadata); view_metadata is None
+            # for everything torch has written since 0.4 dropped storage views.
+            if not (kind == "storage" and len(pid) == 6):
+                raise PtFormatError(f"{self._path}: unsupported persistent id {pid!r} in the "
+                                    f"pickle (expected ('storage', type, key, location, numel, "
+                                    f"view))")
+            if pid[5] is not None:
+                raise PtFormatError(f"{self._path}: storage {pid[2]!r} is a view of another "
+                                    f"storage (torch < 0.4); re-save the file with a newer torch")
+            pid = pid[:5]
+        elif not (kind == "storage" and len(pid) == 5):
             raise PtFormatError(f"{self._path}: unsupported persistent id {pid!r} in the pickle "
                                 f"(expected ('storage', type, key, location, numel))")
         _, storage_type, key, _location, numel = pid
@@ -160,37 +191,52 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storage_lookup(key, storage_type.dtype, numel)
 
 
-def _open_archive(path: str) -> zipfile.ZipFile:
+def _sniff(path: str) -> str:
+    """'zip' or 'legacy', or a PtFormatError saying what the file is instead."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(512)
     except FileNotFoundError:
         raise PtFormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise PtFormatError(f"{path}: is a directory, expected a .pt file") from None
-    try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        pass
+    if not head:
+        raise PtFormatError(f"{path}: file is empty (0 bytes); an interrupted download or save?")
+    if zipfile.is_zipfile(path):
+        return "zip"
     if head.startswith(b"PK"):
         raise PtFormatError(f"{path}: zip archive is truncated or corrupted (no readable central "
                             f"directory)")
     if head[:1] == b"\x80" and _is_legacy_torch_file(path):
+        return "legacy"
+    if len(head) == 512 and head[257:262] == b"ustar":
         raise PtFormatError(
-            f"{path}: legacy (pre-1.6, non-zip) PyTorch serialization is not supported; re-save "
+            f"{path}: the tar-based PyTorch serialization of torch < 0.4 is not supported; re-save "
             f"it with a newer torch: torch.save(torch.load(old_path), new_path)")
-    raise PtFormatError(f"{path}: not a PyTorch checkpoint (expected a zip archive as written by "
-                        f"torch.save since torch 1.6)")
+    raise PtFormatError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save "
+                        f"writes nor its legacy pickle format)")
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """For the legacy format's header and key-list pickles, which hold only plain values."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module, name):
+        raise UnsafePickleError(f"{self._path}: refusing to load global {module}.{name} from a "
+                                f"legacy header pickle, which holds only plain values (nothing "
+                                f"was executed)")
+
+    def persistent_load(self, pid):
+        raise PtFormatError(f"{self._path}: unexpected persistent id {pid!r} in a legacy header")
 
 
 def _is_legacy_torch_file(path: str) -> bool:
-    class _NoGlobals(pickle.Unpickler):
-        def find_class(self, module, name):
-            raise pickle.UnpicklingError("globals are not allowed here")
-
     try:
         with open(path, "rb") as f:
-            return _NoGlobals(f).load() == _LEGACY_MAGIC
+            return _NoGlobalsUnpickler(f, path).load() == _LEGACY_MAGIC
     except Exception:  # anything unreadable is simply "not legacy"; the caller reports it
         return False
 
@@ -314,64 +360,159 @@ def _collect_refs(obj, out: list, seen: set):
             _collect_refs(value, out, seen)
 
 
+class _Storages:
+    """The storages the pickle names, by key, each with the largest element count asked for."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.refs: dict[str, _StorageRef] = {}
+
+    def __call__(self, key: str, dtype: np.dtype, numel: int) -> _StorageRef:
+        ref = self.refs.get(key)
+        if ref is None:
+            ref = self.refs[key] = _StorageRef(key, dtype, numel)
+        elif ref.dtype != dtype:
+            raise PtFormatError(f"{self.path}: storage {key} is used as both {ref.dtype} and {dtype}")
+        ref.numel = max(ref.numel, numel)
+        return ref
+
+
+def _unpickle(file, path: str, storages: _Storages, what: str, legacy: bool = False) -> Any:
+    try:
+        return _RestrictedUnpickler(file, path, storages, legacy).load()
+    except PtFormatError:
+        raise
+    except Exception as err:  # malformed or cut pickles raise all sorts of errors
+        raise PtFormatError(f"{path}: cannot unpickle {what} ({type(err).__name__}: {err}); the "
+                            f"file is truncated or corrupted") from None
+
+
+def _read_zip(path: str, archive: zipfile.ZipFile, raw):
+    prefix = _archive_prefix(archive, path)
+    byteorder = _read_byteorder(archive, prefix, path)
+    storages = _Storages(path)
+    try:
+        pickled = archive.read(prefix + "data.pkl")
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise PtFormatError(f"{path}: data.pkl record is corrupted ({err})") from None
+    tree = _unpickle(io.BytesIO(pickled), path, storages, "data.pkl")
+
+    def read(key: str, nbytes: int) -> np.ndarray:
+        return _read_record(archive, raw, f"{prefix}data/{key}", nbytes, path)
+
+    return tree, storages, byteorder, read
+
+
+def _load_plain(f, path: str, what: str) -> Any:
+    try:
+        return _NoGlobalsUnpickler(f, path).load()
+    except PtFormatError:
+        raise
+    except Exception as err:
+        raise PtFormatError(f"{path}: cannot read the legacy format's {what} ({type(err).__name__}: "
+                            f"{err}); the file is truncated or corrupted") from None
+
+
+def _read_legacy(path: str, f):
+    if _load_plain(f, path, "magic number") != _LEGACY_MAGIC:
+        raise PtFormatError(f"{path}: bad magic number for the legacy torch format")
+    version = _load_plain(f, path, "protocol version")
+    if version != 1001:
+        raise PtFormatError(f"{path}: legacy torch format protocol {version!r}, only 1001 exists")
+    sys_info = _load_plain(f, path, "sys_info")
+    if not (isinstance(sys_info, dict) and isinstance(sys_info.get("little_endian"), bool)):
+        raise PtFormatError(f"{path}: legacy sys_info {sys_info!r} does not say the byte order")
+    byteorder = "little" if sys_info["little_endian"] else "big"
+    storages = _Storages(path)
+    tree = _unpickle(f, path, storages, "the object pickle", legacy=True)
+    keys = _load_plain(f, path, "storage key list")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise PtFormatError(f"{path}: the legacy storage key list is {type(keys).__name__}, "
+                            f"expected a list of strings")
+    if sorted(keys) != sorted(storages.refs):
+        raise PtFormatError(f"{path}: the pickle uses storages {sorted(storages.refs)} but the "
+                            f"file holds data for {sorted(keys)}")
+
+    # Each record is an int64 element count and the bytes; find them all before reading any, so
+    # a cut file fails before gigabytes are read.
+    size = os.fstat(f.fileno()).st_size
+    where: dict[str, int] = {}
+    position = f.tell()
+    for key in keys:
+        ref = storages.refs[key]
+        f.seek(position)
+        head = f.read(8)
+        if len(head) != 8:
+            raise PtFormatError(f"{path}: truncated: the file ends before storage {key}'s record "
+                                f"(at byte {position} of {size})")
+        count = int.from_bytes(head, byteorder, signed=True)
+        if count != ref.numel:
+            raise PtFormatError(f"{path}: storage {key}'s record holds {count} elements, the "
+                                f"pickle says {ref.numel}")
+        end = position + 8 + count * ref.dtype.itemsize
+        if end > size:
+            raise PtFormatError(f"{path}: truncated: storage {key} needs bytes {position + 8} to "
+                                f"{end}, the file has {size}")
+        where[key], position = position + 8, end
+
+    def read(key: str, nbytes: int) -> np.ndarray:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        f.seek(where[key])
+        got = f.readinto(memoryview(buffer))
+        if got != nbytes:
+            raise PtFormatError(f"{path}: storage {key} is truncated ({got} of {nbytes} bytes)")
+        return buffer
+
+    return tree, storages, byteorder, read
+
+
 def load_pickle_tree(path: str | os.PathLike) -> Any:
     """Everything the checkpoint's pickle holds, with every tensor as a numpy array.
 
-    Containers come back as the pickle built them (dict, OrderedDict, list, tuple); dtypes are
-    the storages' (bfloat16 as `ml_dtypes.bfloat16`). Raises `PtFormatError` (a `ValueError`)
-    naming the file when it is not a readable torch zip checkpoint, and `UnsafePickleError` when
-    the pickle refers to anything but tensors, storages and plain containers.
+    Reads the zip format and the legacy (non-zip) format. Containers come back as the pickle
+    built them (dict, OrderedDict, list, tuple); dtypes are the storages' (bfloat16 as
+    `ml_dtypes.bfloat16`). Raises `PtFormatError` (a `ValueError`) naming the file when it is
+    not a readable torch checkpoint, and `UnsafePickleError` when the pickle refers to anything
+    but tensors, storages and plain containers.
     """
     path = os.fspath(path)
-    with _open_archive(path) as archive, open(path, "rb") as raw:
-        prefix = _archive_prefix(archive, path)
-        byteorder = _read_byteorder(archive, prefix, path)
-        storages: dict[str, _StorageRef] = {}
-
-        def storage_lookup(key: str, dtype: np.dtype, numel: int) -> _StorageRef:
-            ref = storages.get(key)
-            if ref is None:
-                ref = storages[key] = _StorageRef(key, dtype, numel)
-            elif ref.dtype != dtype:
-                raise PtFormatError(f"{path}: storage {key} is used as both {ref.dtype} and {dtype}")
-            ref.numel = max(ref.numel, numel)
-            return ref
-
-        try:
-            pickled = archive.read(prefix + "data.pkl")
-        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-            raise PtFormatError(f"{path}: data.pkl record is corrupted ({err})") from None
-        try:
-            tree = _RestrictedUnpickler(io.BytesIO(pickled), path, storage_lookup).load()
-        except PtFormatError:
-            raise
-        except Exception as err:  # malformed pickles raise all sorts of errors
-            raise PtFormatError(f"{path}: cannot unpickle data.pkl ({type(err).__name__}: {err})") \
-                from None
-
-        refs: list[_TensorRef] = []
-        _collect_refs(tree, refs, set())
-        by_storage: dict[str, list[_TensorRef]] = collections.defaultdict(list)
-        for ref in refs:
-            by_storage[ref.storage.key].append(ref)
-
-        arrays: dict[int, np.ndarray] = {}
-        for key in sorted(by_storage, key=lambda k: (len(k), k)):  # file order: "0", "1", ..., "10"
-            users = by_storage[key]
-            storage_ref = users[0].storage
-            dtype = storage_ref.dtype
-            if dtype.itemsize > 1:
-                dtype = dtype.newbyteorder("<" if byteorder == "little" else ">")
-            buffer = _read_record(archive, raw, f"{prefix}data/{key}",
-                                  storage_ref.numel * dtype.itemsize, path)
-            storage = buffer.view(dtype)
-            if not dtype.isnative:
-                storage = storage.astype(dtype.newbyteorder("="))
-            for ref in users:
-                arrays[id(ref.stands_for or ref)] = _materialize(ref, storage, len(users) == 1, path)
-            del buffer, storage
-
+    kind = _sniff(path)
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(path, "rb"))
+        if kind == "zip":
+            try:
+                archive = stack.enter_context(zipfile.ZipFile(path))
+            except zipfile.BadZipFile as err:
+                raise PtFormatError(f"{path}: zip archive is corrupted ({err})") from None
+            tree, storages, byteorder, read = _read_zip(path, archive, raw)
+        else:
+            tree, storages, byteorder, read = _read_legacy(path, raw)
+        arrays = _read_tensors(tree, storages, byteorder, read, path)
     return _replace_refs(tree, arrays, {})
+
+
+def _read_tensors(tree, storages: _Storages, byteorder: str, read, path: str) -> dict[int, np.ndarray]:
+    refs: list[_TensorRef] = []
+    _collect_refs(tree, refs, set())
+    by_storage: dict[str, list[_TensorRef]] = collections.defaultdict(list)
+    for ref in refs:
+        by_storage[ref.storage.key].append(ref)
+
+    arrays: dict[int, np.ndarray] = {}
+    for key in sorted(by_storage, key=lambda k: (len(k), k)):  # file order: "0", "1", ..., "10"
+        users = by_storage[key]
+        storage_ref = users[0].storage
+        dtype = storage_ref.dtype
+        if dtype.itemsize > 1:
+            dtype = dtype.newbyteorder("<" if byteorder == "little" else ">")
+        buffer = read(key, storage_ref.numel * dtype.itemsize)
+        storage = buffer.view(dtype)
+        if not dtype.isnative:
+            storage = storage.astype(dtype.newbyteorder("="))
+        for ref in users:
+            arrays[id(ref.stands_for or ref)] = _materialize(ref, storage, len(users) == 1, path)
+        del buffer, storage
+    return arrays
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

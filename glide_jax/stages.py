@@ -116,17 +116,7 @@ def _program(spec: _Spec, params, batch, scalars, clip_params):
             x_T = jax.random.normal(noise_key, shape, jnp.float32) * scalars["temp"]
 
         rows = 2 if spec.guidance == "cfg" else 1
-        conditioning = {}
-        if spec.super_res:
-            low_res = _to_unit_range(example["low_res"])[None]
-            conditioning["low_res"] = jnp.repeat(low_res, rows, 0)
-            if not spec.diffusion.starts_from_noise:
-                # A truncated chain starts from the upsampled input noised to its first step.
-                top = spec.diffusion.alphas_cumprod[-1]
-                x_T = np.sqrt(top) * resize_bilinear(low_res, size, size) + np.sqrt(1.0 - top) * x_T
-        if spec.inpaint:
-            conditioning["inpaint_image"] = jnp.repeat(example["inpaint_image"][None], rows, 0)
-            conditioning["inpaint_mask"] = jnp.repeat(example["inpaint_mask"][None], rows, 0)
+        x_T, conditioning = _start_and_conditioning(spec, example, x_T, rows)
 
         text = None
         if spec.config.has_text:
@@ -164,21 +154,47 @@ def _program(spec: _Spec, params, batch, scalars, clip_params):
             cond_fn = clip_lib.clip_cond_fn(clip_params, spec.clip_config, text_embedding,
                                             scalars["clip_guidance_scale"], dtype=spec.clip_dtype)
 
-        step_noise = example["step_noise"][:, None] if "step_noise" in example else None
-        common = dict(noise=x_T, step_noise=step_noise, clip_denoised=True, denoised_fn=denoised_fn,
-                      cond_fn=cond_fn)
-        if spec.sampler == "ddim":
-            eta = scalars["eta"] if spec.stochastic_ddim else 0.0
-            x0 = ddim_sample(guided_fn, spec.diffusion, shape, loop_key, eta=eta, **common)
-        elif spec.sampler in ("dpm++2m", "dpm++2s"):
-            # Deterministic: no per-step noise to take.
-            x0 = dpm_solver_pp_sample(guided_fn, spec.diffusion, shape, loop_key, noise=x_T, clip_denoised=True,
-                                      denoised_fn=denoised_fn, cond_fn=cond_fn, multistep=spec.sampler == "dpm++2m")
-        else:
-            x0 = ddpm_sample(guided_fn, spec.diffusion, shape, loop_key, **common)
+        x0 = _sample_loop(spec, guided_fn, x_T, loop_key, example, scalars, denoised_fn, cond_fn)
         return x0[0]
 
     return jax.vmap(one)(batch)  # [B, H, W, 3]
+
+
+def _start_and_conditioning(spec: _Spec, example, x_T, rows: int):
+    """The chain's first state and the model's image inputs, repeated for the `rows` of one
+    example (2 under classifier-free guidance)."""
+    size = spec.config.image_size
+    conditioning = {}
+    if spec.super_res:
+        low_res = _to_unit_range(example["low_res"])[None]
+        conditioning["low_res"] = jnp.repeat(low_res, rows, 0)
+        if not spec.diffusion.starts_from_noise:
+            # A truncated chain starts from the upsampled input noised to its first step.
+            top = spec.diffusion.alphas_cumprod[-1]
+            x_T = np.sqrt(top) * resize_bilinear(low_res, size, size) + np.sqrt(1.0 - top) * x_T
+    elif not spec.diffusion.starts_from_noise:
+        # img2img (SDEdit): the base's truncated chain starts from the given image noised to it.
+        top = spec.diffusion.alphas_cumprod[-1]
+        x_T = np.sqrt(top) * example["init_image"][None] + np.sqrt(1.0 - top) * x_T
+    if spec.inpaint:
+        conditioning["inpaint_image"] = jnp.repeat(example["inpaint_image"][None], rows, 0)
+        conditioning["inpaint_mask"] = jnp.repeat(example["inpaint_mask"][None], rows, 0)
+    return x_T, conditioning
+
+
+def _sample_loop(spec: _Spec, guided_fn, x_T, loop_key, example, scalars, denoised_fn, cond_fn):
+    """The sampler the spec names, as one `lax.scan` from x_T."""
+    shape = x_T.shape
+    step_noise = example["step_noise"][:, None] if "step_noise" in example else None
+    common = dict(noise=x_T, step_noise=step_noise, clip_denoised=True, denoised_fn=denoised_fn, cond_fn=cond_fn)
+    if spec.sampler == "ddim":
+        eta = scalars["eta"] if spec.stochastic_ddim else 0.0
+        return ddim_sample(guided_fn, spec.diffusion, shape, loop_key, eta=eta, **common)
+    if spec.sampler in ("dpm++2m", "dpm++2s"):
+        # Deterministic: no per-step noise to take.
+        return dpm_solver_pp_sample(guided_fn, spec.diffusion, shape, loop_key, noise=x_T, clip_denoised=True,
+                                    denoised_fn=denoised_fn, cond_fn=cond_fn, multistep=spec.sampler == "dpm++2m")
+    return ddpm_sample(guided_fn, spec.diffusion, shape, loop_key, **common)
 
 
 def _reporting_steps(model_fn):
@@ -328,7 +344,7 @@ def _execute(spec: _Spec, params, batch: dict, scalars: dict, clip_params, key, 
 # -- argument checks -------------------------------------------------------------------------------
 
 
-def _check_model(config, diffusion, sampler, dtype, *, super_res: bool) -> None:
+def _check_model(config, diffusion, sampler, dtype, *, super_res: bool, init_image=None) -> None:
     if not isinstance(config, ModelConfig):
         raise PipelineError(f"config must be a ModelConfig, got {type(config).__name__}")
     if config.super_res != super_res:
@@ -337,9 +353,12 @@ def _check_model(config, diffusion, sampler, dtype, *, super_res: bool) -> None:
                             f"got a {kind} model config")
     if not isinstance(diffusion, GaussianDiffusion):
         raise PipelineError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
-    if not super_res and not diffusion.starts_from_noise:
-        raise PipelineError(f"the diffusion starts at timestep {diffusion.start_step}, not from pure noise "
-                            f"(start_step): only an upsampler has an image (its low-res input) to start from")
+    if not super_res and (init_image is None) != diffusion.starts_from_noise:
+        if init_image is None:
+            raise PipelineError(f"the diffusion starts at timestep {diffusion.start_step}, not from pure noise "
+                                f"(start_step): pass init_image, the image it starts from (img2img)")
+        raise PipelineError("init_image needs a truncated diffusion (GaussianDiffusion.create(..., start_step=t)) "
+                            "to say how far to noise it")
     if sampler not in SAMPLERS:
         raise PipelineError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if dtype not in DTYPES:
@@ -392,6 +411,18 @@ def _inpaint_inputs(config: ModelConfig, inpaint_image, inpaint_mask, batch: dic
     batch["inpaint_mask"] = mask.astype(np.float32)
 
 
+def _init_inputs(config: ModelConfig, init_image, batch: dict) -> None:
+    if init_image is None:
+        return
+    size = config.image_size
+    image = _host(init_image, "init_image")
+    if image.ndim != 4 or image.shape[1:] != (size, size, 3):
+        raise PipelineError(f"init_image must be (B, {size}, {size}, 3) in [-1, 1], got {image.shape}")
+    if not np.isfinite(image).all():
+        raise PipelineError("init_image holds NaN or infinite values")
+    batch["init_image"] = image.astype(np.float32)
+
+
 def _noise_inputs(config: ModelConfig, diffusion: GaussianDiffusion, noise, step_noise, batch):
     size = config.image_size
     if noise is not None:
@@ -438,7 +469,7 @@ def sample_base(config: ModelConfig, params, tokens, mask, key, *, diffusion: Ga
                 guidance_scale: float | None = 3.0, sampler: str = "ddpm", eta: float = 0.0,
                 dtype: str = "float32", mesh: Mesh | None = None, inpaint_image=None, inpaint_mask=None,
                 noise=None, step_noise=None, uncond_tokens=None, uncond_mask=None, first_index: int = 0,
-                timing: StageTiming | None = None, progress: bool = False) -> np.ndarray:
+                timing: StageTiming | None = None, progress: bool = False, init_image=None) -> np.ndarray:
     """Text → 64×64 images (B, H, W, 3) in [-1, 1] with the base (or base-inpaint) model.
 
     `tokens`/`mask` (B, text_ctx) are one row per image. `guidance_scale` is the classifier-free
@@ -449,13 +480,16 @@ def sample_base(config: ModelConfig, params, tokens, mask, key, *, diffusion: Ga
     `noise` (B, H, W, 3) replaces x_T and `step_noise` (S, B, H, W, 3) the per-step draws
     (otherwise both come from `fold_in(key, first_index + i)`). `timing`, when given, is filled in.
     `uncond_tokens`/`uncond_mask` may also be (B, text_ctx): a negative prompt per image. With
-    `progress`, each step reports itself to `reporting_progress` as the loop runs.
+    `progress`, each step reports itself to `reporting_progress` as the loop runs. `init_image`
+    (B, H, W, 3) in [-1, 1] with a truncated `diffusion` (`start_step=t`) is img2img (SDEdit): x_T is
+    that image noised to step t, sqrt(abar_t) * image + sqrt(1 - abar_t) * noise.
     """
-    _check_model(config, diffusion, sampler, dtype, super_res=False)
+    _check_model(config, diffusion, sampler, dtype, super_res=False, init_image=init_image)
     batch: dict = {}
     _text_inputs(config, tokens, mask, batch)
     _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
     _noise_inputs(config, diffusion, noise, step_noise, batch)
+    _init_inputs(config, init_image, batch)
     if not batch:
         raise PipelineError("nothing gives the batch size: pass tokens (or noise for a text-free model)")
     scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta))}
@@ -508,14 +542,15 @@ def sample_clip_guided(config: ModelConfig, params, tokens, mask, clip_config: c
                        clip_guidance_scale: float = 3.0, sampler: str = "ddpm", eta: float = 0.0,
                        dtype: str = "float32", mesh: Mesh | None = None, inpaint_image=None,
                        inpaint_mask=None, noise=None, step_noise=None, first_index: int = 0,
-                       timing: StageTiming | None = None, progress: bool = False) -> np.ndarray:
+                       timing: StageTiming | None = None, progress: bool = False,
+                       init_image=None) -> np.ndarray:
     """Text → images with the base model guided by the noised CLIP instead of classifier-free
     guidance. `clip_tokens` (B, max_text_len) and `clip_text_len` (B,) come from
     `ClipBPETokenizer.batch_padded_and_len`; the CLIP text embedding is computed once per example
     inside the program, and each step adds the scaled image-text similarity gradient (to the mean
     for DDPM, to eps for DDIM). Other arguments as `sample_base`.
     """
-    _check_model(config, diffusion, sampler, dtype, super_res=False)
+    _check_model(config, diffusion, sampler, dtype, super_res=False, init_image=init_image)
     if not isinstance(clip_config, clip_lib.ClipConfig):
         raise PipelineError(f"clip_config must be a ClipConfig, got {type(clip_config).__name__}")
     if config.image_size != clip_config.image_size:
@@ -534,6 +569,7 @@ def sample_clip_guided(config: ModelConfig, params, tokens, mask, clip_config: c
     batch["clip_tokens"], batch["clip_text_len"] = ctokens.astype(np.int32), clen.astype(np.int32)
     _inpaint_inputs(config, inpaint_image, inpaint_mask, batch)
     _noise_inputs(config, diffusion, noise, step_noise, batch)
+    _init_inputs(config, init_image, batch)
     scalars = {"temp": np.float32(1.0), "eta": np.float32(_check_scalar("eta", eta)),
                "clip_guidance_scale": np.float32(_check_scalar("clip_guidance_scale", clip_guidance_scale))}
     spec = _Spec(config, dtype, diffusion, sampler, "clip", stochastic_ddim=float(eta) != 0,

@@ -56,9 +56,7 @@ class TextEncoder(nn.Module):
     """Encodes `tokens` [B, text_ctx] (with `mask` [B, text_ctx], true on real tokens).
 
     Returns `xf_proj` [B, time_embed_dim], projected from the **last position** (even when that
-    position is padding, as in the reference), and `xf_out` [B, text_ctx, width]; with
-    `word_features`, also `xf_words` [B, text_ctx, width]: each position's own token embedding (the
-    padding embedding where masked), before position or context reach it.
+    position is padding, as in the reference), and `xf_out` [B, text_ctx, width].
     """
 
     text_ctx: int
@@ -69,7 +67,6 @@ class TextEncoder(nn.Module):
     final_ln: bool
     padding: bool
     proj_dim: int
-    word_features: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -80,8 +77,7 @@ class TextEncoder(nn.Module):
         token_embedding = nn.Embed(self.n_vocab, self.width, param_dtype=jnp.float32,
                                    embedding_init=init, name="token_embedding")
         positional = self.param("positional_embedding", init, (self.text_ctx, self.width), jnp.float32)
-        words = token_embedding(tokens)
-        x = words + positional[None]
+        x = token_embedding(tokens) + positional[None]
         if self.padding:
             if mask is None:
                 raise ValueError("this model uses xf_padding, so a token mask is required")
@@ -89,14 +85,10 @@ class TextEncoder(nn.Module):
                 raise ValueError(f"mask shape {mask.shape} does not match tokens shape {tokens.shape}")
             padding = self.param("padding_embedding", init, (self.text_ctx, self.width), jnp.float32)
             x = jnp.where(mask[..., None], x, padding[None])
-            words = jnp.where(mask[..., None], words, padding[None])
         x = x.astype(self.dtype)
         for i in range(self.layers):
             x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=f"resblocks_{i}")(x)
         if self.final_ln:
             x = LayerNorm32(name="final_ln")(x)
         xf_proj = dense(self.proj_dim, self.dtype, "transformer_proj")(x[:, -1])
-        outputs = {"xf_proj": xf_proj, "xf_out": x}
-        if self.word_features:
-            outputs["xf_words"] = words.astype(self.dtype)
-        return outputs
+        return {"xf_proj": xf_proj, "xf_out": x}

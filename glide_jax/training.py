@@ -185,7 +185,12 @@ def draw_timesteps(example_keys: jax.Array, num_timesteps: int, high_noise_fract
     """One training timestep per example key [B]: uniform over the chain, except that
     `high_noise_fraction` of the examples draw uniformly from timestep int(high_noise_from * T) on.
     The uniform draw is the same with or without the high-noise option, so a fraction of 0
-    reproduces runs that predate it."""
+    reproduces runs that predate it.
+
+    Why: at the noisiest steps the image's mean colour is still hidden in the noise, so the text
+    alone must decide it, yet the eps target is almost x_t itself: a wrong mean costs so little loss,
+    on so few of the uniform draws, that a model can learn to copy the noise's mean instead of
+    reading the caption."""
     start = min(int(high_noise_from * num_timesteps), num_timesteps - 1)
 
     def one(key):
@@ -207,39 +212,77 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
 
     `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
     dropout. `low_res_size` is the side of the upsampler's input (image_size // 4 by default).
-
-    `min_snr_gamma` > 0 weights each example's eps MSE by min(SNR(t), gamma) / SNR(t) (Hang et al.
-    2023, "Min-SNR weighting"); 0 keeps GLIDE's unweighted objective. With eps prediction the
-    unweighted loss is dominated by the nearly clean timesteps, while what an image shows (the
-    colours, which shape, where) is decided at high noise, whose x_0 errors the eps MSE scales down
-    by SNR(t): the weighting shifts the gradient towards those steps. The vb term, which trains only
-    the variances, is left as it is.
-
-    For a v-prediction model (`config.prediction == "v"`) the v MSE is the x_0 MSE times
-    SNR(t) + 1, and the weighting is (min(SNR(t), gamma) + 1) / (SNR(t) + 1): x_0 errors count
-    min(SNR, gamma) + 1 times. Hang et al.'s v form, min(SNR, gamma) / (SNR + 1), would give the
-    noisiest steps the same vanishing weight as the eps form, undoing what v-prediction is for.
-
-    `high_noise_fraction` of the examples draw their timestep uniformly from the noisiest part of
-    the chain (from `high_noise_from` * T on) instead of from all of it (`draw_timesteps`). There
-    the image's mean colour is still hidden in the noise, so the text alone must decide it, yet the
-    eps target is almost x_t itself: a wrong mean costs so little loss, on so few of the uniform
-    draws, that a model can learn to copy the noise's mean instead of reading the caption.
-
-    `negative_weight` > 0 adds a hard-negative term: batches then carry, per example, a caption the
-    image nearly matches (`negative_tokens`, `negative_mask`, `has_negative`; for the shapes data the
-    two objects' colours or shapes exchanged). On examples with one, a timestep from `negative_from` * T on and
-    their own caption kept, the model also predicts from the same x_t under the negative caption,
-    and the term asks that prediction's (weighted) MSE to exceed the own caption's:
-    NEGATIVE_TEMPERATURE * softplus((mse_own - mse_negative) / NEGATIVE_TEMPERATURE), averaged over
-    the batch and scaled by `negative_weight`. The plain loss barely rewards binding each colour to
-    its object (the two captions' best predictions differ only faintly at the noise levels where a
-    sample's colours are settled); this term rewards exactly that difference. To bound its cost
-    the negative pass runs on NEGATIVE_SHARE of each (micro)batch, those of its examples that
-    qualify first.
+    `min_snr_gamma` > 0 weights each example's MSE (`min_snr_weights`); 0 keeps GLIDE's unweighted
+    objective. `high_noise_fraction` of the examples draw their timestep from `high_noise_from` * T
+    on (`draw_timesteps`). `negative_weight` > 0 adds the hard-negative term (`negative_term`) on
+    examples with a timestep from `negative_from` * T on; batches then carry `negative_tokens`,
+    `negative_mask` and `has_negative`.
     """
     from glide_jax.unet import GlideUNet, example_inputs
 
+    _check_diffusion_options(config, diffusion, kind, compute_dtype, caption_dropout, min_snr_gamma,
+                             high_noise_fraction, high_noise_from, negative_weight, negative_from)
+    wants_super_res = kind in ("upsample", "upsample_inpaint")
+    wants_inpaint = kind in ("inpaint", "upsample_inpaint")
+    mse_weights = min_snr_weights(diffusion, config.prediction, min_snr_gamma)
+    empty_tokens, empty_mask = _empty_caption(config, caption_dropout, empty_tokens, empty_mask)
+    low = low_res_size or max(config.image_size // 4, 1)
+    model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype])
+    num_timesteps = diffusion.num_timesteps
+    negative_start = min(int(negative_from * num_timesteps), num_timesteps - 1)
+
+    def init(key):
+        return model.init(key, **example_inputs(config))["params"]
+
+    def batch_spec(batch_size):
+        return _diffusion_batch_spec(config, batch_size, low, wants_super_res, wants_inpaint, negative_weight > 0)
+
+    def loss(params, batch, key, train=True, rows=None):
+        x0 = batch["images"]
+        n = x0.shape[0]
+        rows = jnp.arange(n) if rows is None else rows
+        t, noise, drop, k_dropout = _draw_examples(key, rows, x0.shape[1:], num_timesteps, caption_dropout,
+                                                   high_noise_fraction, high_noise_from)
+        x_t = diffusion.q_sample(x0, t, noise)
+        dropping = train and caption_dropout > 0
+        caption_kept = ~drop if dropping else jnp.ones_like(drop)
+        tokens = mask = None
+        if config.has_text:
+            tokens, mask = batch["tokens"], batch["mask"]
+            if dropping:
+                tokens = jnp.where(drop[:, None], jnp.asarray(empty_tokens)[None], tokens)
+                mask = jnp.where(drop[:, None], jnp.asarray(empty_mask)[None], mask)
+        kwargs = {}
+        if wants_super_res:
+            kwargs["low_res"] = batch["low_res"]
+        if wants_inpaint:
+            kwargs["inpaint_mask"] = batch["inpaint_mask"]
+            kwargs["inpaint_image"] = x0 * batch["inpaint_mask"]
+
+        def predict(x, timesteps, tokens, mask, dropout_key, **inputs):
+            return model.apply({"params": params}, x, diffusion.original_timesteps(timesteps), tokens, mask,
+                               deterministic=not train, rngs={"dropout": dropout_key}, **inputs).astype(jnp.float32)
+
+        terms = diffusion.training_losses(predict(x_t, t, tokens, mask, k_dropout, **kwargs), x0, x_t, t, noise)
+        if min_snr_gamma > 0:
+            terms["loss"] = jnp.asarray(mse_weights)[t] * terms["mse"] + terms["vb"]
+        metrics = {name: value.mean() for name, value in terms.items()}
+        if negative_weight > 0:
+            qualifies = batch["has_negative"] & (t >= negative_start) & caption_kept
+            metrics.update(negative_term(
+                lambda rows_compared: predict(x_t[rows_compared], t[rows_compared], batch["negative_tokens"][rows_compared],
+                                              batch["negative_mask"][rows_compared], jax.random.fold_in(k_dropout, 1),
+                                              **{name: value[rows_compared] for name, value in kwargs.items()}),
+                diffusion, x0, x_t, t, noise, terms["mse"], jnp.asarray(mse_weights), qualifies))
+            metrics["loss"] = metrics["loss"] + negative_weight * metrics["negative"]
+        return metrics["loss"], metrics
+
+    return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=config.image_size)
+
+
+def _check_diffusion_options(config: ModelConfig, diffusion, kind: str, compute_dtype: str, caption_dropout: float,
+                             min_snr_gamma: float, high_noise_fraction: float, high_noise_from: float,
+                             negative_weight: float, negative_from: float) -> None:
     if kind not in DIFFUSION_KINDS:
         raise ConfigError(f"model_kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
     wants_super_res = kind in ("upsample", "upsample_inpaint")
@@ -267,104 +310,105 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     if diffusion.prediction != config.prediction:
         raise ConfigError(f"the model predicts {config.prediction!r} (model.prediction) but the diffusion was "
                           f"built for {diffusion.prediction!r}: the loss would train the wrong target")
+
+
+def min_snr_weights(diffusion, prediction: str, gamma: float) -> np.ndarray:
+    """Per-timestep weights [T] of the MSE term: min(SNR(t), gamma) / SNR(t) for eps prediction
+    (Hang et al. 2023, "Min-SNR weighting"), all ones for gamma 0 (GLIDE's unweighted objective).
+
+    With eps prediction the unweighted loss is dominated by the nearly clean timesteps, while what
+    an image shows (the colours, which shape, where) is decided at high noise, whose x_0 errors the
+    eps MSE scales down by SNR(t): the weighting shifts the gradient towards those steps. The vb
+    term, which trains only the variances, is left as it is.
+
+    For v prediction the v MSE is the x_0 MSE times SNR(t) + 1, and the weight is
+    (min(SNR(t), gamma) + 1) / (SNR(t) + 1): x_0 errors count min(SNR, gamma) + 1 times. Hang et
+    al.'s v form, min(SNR, gamma) / (SNR + 1), would give the noisiest steps the same vanishing
+    weight as the eps form, undoing what v-prediction is for.
+    """
     snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
-    if min_snr_gamma <= 0:
-        mse_weights = np.ones_like(snr)
-    elif config.prediction == "v":
-        mse_weights = (np.minimum(snr, min_snr_gamma) + 1.0) / (snr + 1.0)
+    if gamma <= 0:
+        weights = np.ones_like(snr)
+    elif prediction == "v":
+        weights = (np.minimum(snr, gamma) + 1.0) / (snr + 1.0)
     else:
-        mse_weights = np.minimum(snr, min_snr_gamma) / snr
-    mse_weights = mse_weights.astype(np.float32)
+        weights = np.minimum(snr, gamma) / snr
+    return weights.astype(np.float32)
+
+
+def _empty_caption(config: ModelConfig, caption_dropout: float, empty_tokens, empty_mask):
+    """The empty caption as validated arrays (text_ctx,), or (None, None) where none is needed."""
     if config.has_text and caption_dropout > 0 and (empty_tokens is None or empty_mask is None):
         raise ConfigError("caption_dropout > 0 needs the tokenizer's empty caption (empty_tokens, empty_mask)")
-    if config.has_text and empty_tokens is not None:
-        empty_tokens = np.asarray(empty_tokens, np.int32)
-        empty_mask = np.asarray(empty_mask, bool)
-        if empty_tokens.shape != (config.text_ctx,) or empty_mask.shape != (config.text_ctx,):
-            raise ConfigError(f"empty caption tokens/mask must have shape ({config.text_ctx},) (text_ctx), "
-                              f"got {empty_tokens.shape} / {empty_mask.shape}")
-    size = config.image_size
-    low = low_res_size or max(size // 4, 1)
-    model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype])
-    num_timesteps = diffusion.num_timesteps
-    negative_start = min(int(negative_from * num_timesteps), num_timesteps - 1)
+    if not config.has_text or empty_tokens is None:
+        return None, None
+    empty_tokens = np.asarray(empty_tokens, np.int32)
+    empty_mask = np.asarray(empty_mask, bool)
+    if empty_tokens.shape != (config.text_ctx,) or empty_mask.shape != (config.text_ctx,):
+        raise ConfigError(f"empty caption tokens/mask must have shape ({config.text_ctx},) (text_ctx), "
+                          f"got {empty_tokens.shape} / {empty_mask.shape}")
+    return empty_tokens, empty_mask
 
-    def init(key):
-        return model.init(key, **example_inputs(config))["params"]
 
-    def batch_spec(batch_size):
-        spec = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
-        if config.has_text:
-            spec["tokens"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.int32)
-            spec["mask"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.bool_)
-        if wants_super_res:
-            spec["low_res"] = jax.ShapeDtypeStruct((batch_size, low, low, 3), jnp.float32)
-        if wants_inpaint:
-            spec["inpaint_mask"] = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
-        if negative_weight > 0:
-            spec["negative_tokens"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.int32)
-            spec["negative_mask"] = jax.ShapeDtypeStruct((batch_size, config.text_ctx), jnp.bool_)
-            spec["has_negative"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_)
-        return spec
+def _diffusion_batch_spec(config: ModelConfig, batch_size: int, low: int, super_res: bool, inpaint: bool,
+                          negatives: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    size, ctx = config.image_size, config.text_ctx
+    spec = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
+    if config.has_text:
+        spec["tokens"] = jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32)
+        spec["mask"] = jax.ShapeDtypeStruct((batch_size, ctx), jnp.bool_)
+    if super_res:
+        spec["low_res"] = jax.ShapeDtypeStruct((batch_size, low, low, 3), jnp.float32)
+    if inpaint:
+        spec["inpaint_mask"] = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
+    if negatives:
+        spec["negative_tokens"] = jax.ShapeDtypeStruct((batch_size, ctx), jnp.int32)
+        spec["negative_mask"] = jax.ShapeDtypeStruct((batch_size, ctx), jnp.bool_)
+        spec["has_negative"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_)
+    return spec
 
-    def loss(params, batch, key, train=True, rows=None):
-        x0 = batch["images"]
-        n = x0.shape[0]
-        rows = jnp.arange(n) if rows is None else rows
-        # Timestep, noise and caption dropout are drawn per example from (key, row in the global
-        # batch), so splitting the batch into microbatches does not change them.
-        k_examples, k_dropout = jax.random.split(key)
-        example_keys = jax.vmap(jax.random.fold_in, (None, 0))(k_examples, rows)
-        draws = jax.vmap(lambda k: (jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32),
-                                    jax.random.bernoulli(jax.random.fold_in(k, 2), caption_dropout)))
-        noise, drop = draws(example_keys)   # noise [B, H, W, 3], caption dropout [B]
-        t = draw_timesteps(example_keys, num_timesteps, high_noise_fraction, high_noise_from)
-        # Dropout draws for the whole (micro)batch at once; distinct per microbatch.
-        k_dropout = jax.random.fold_in(k_dropout, rows[0])
-        x_t = diffusion.q_sample(x0, t, noise)
-        kwargs = {}
-        tokens = mask = None
-        caption_kept = ~drop if train and caption_dropout > 0 else jnp.ones_like(drop)
-        if config.has_text:
-            tokens, mask = batch["tokens"], batch["mask"]
-            if train and caption_dropout > 0:
-                drop = drop[:, None]
-                tokens = jnp.where(drop, jnp.asarray(empty_tokens)[None], tokens)
-                mask = jnp.where(drop, jnp.asarray(empty_mask)[None], mask)
-        if wants_super_res:
-            kwargs["low_res"] = batch["low_res"]
-        if wants_inpaint:
-            kwargs["inpaint_mask"] = batch["inpaint_mask"]
-            kwargs["inpaint_image"] = x0 * batch["inpaint_mask"]
-        out = model.apply({"params": params}, x_t, diffusion.original_timesteps(t), tokens, mask,
-                          deterministic=not train, rngs={"dropout": k_dropout}, **kwargs)
-        terms = diffusion.training_losses(out.astype(jnp.float32), x0, x_t, t, noise)
-        if min_snr_gamma > 0:
-            terms["loss"] = jnp.asarray(mse_weights)[t] * terms["mse"] + terms["vb"]
-        metrics = {name: value.mean() for name, value in terms.items()}
-        loss_value = metrics["loss"]
-        if negative_weight > 0:
-            qualifies = batch["has_negative"] & (t >= negative_start) & caption_kept
-            rows_compared = jnp.argsort(~qualifies, stable=True)[:max(1, int(n * NEGATIVE_SHARE))]
-            t_compared = t[rows_compared]
-            neg_out = model.apply({"params": params}, x_t[rows_compared], diffusion.original_timesteps(t_compared),
-                                  batch["negative_tokens"][rows_compared], batch["negative_mask"][rows_compared],
-                                  deterministic=not train, rngs={"dropout": jax.random.fold_in(k_dropout, 1)},
-                                  **{name: value[rows_compared] for name, value in kwargs.items()})
-            neg_mse = diffusion.training_losses(neg_out.astype(jnp.float32), x0[rows_compared], x_t[rows_compared],
-                                                t_compared, noise[rows_compared])["mse"]
-            weights = jnp.asarray(mse_weights)[t_compared]
-            gap = weights * (terms["mse"][rows_compared] - neg_mse)   # < 0: the own caption explains x_0 better
-            compared = qualifies[rows_compared]
-            hinge = NEGATIVE_TEMPERATURE * jax.nn.softplus(gap / NEGATIVE_TEMPERATURE)
-            metrics["negative"] = jnp.sum(jnp.where(compared, hinge, 0.0)) / n
-            metrics["negative_won"] = jnp.sum(compared & (gap < 0)) / jnp.maximum(jnp.sum(compared), 1)
-            metrics["negative_compared"] = jnp.sum(compared) / n
-            loss_value = loss_value + negative_weight * metrics["negative"]
-            metrics["loss"] = loss_value
-        return loss_value, metrics
 
-    return TrainTask(kind=kind, init=init, loss=loss, batch_spec=batch_spec, image_size=size)
+def _draw_examples(key, rows, image_shape, num_timesteps: int, caption_dropout: float,
+                   high_noise_fraction: float, high_noise_from: float):
+    """(timesteps [B], noise [B, H, W, 3], caption dropout [B], dropout key) of a (micro)batch.
+    Timestep, noise and caption dropout are drawn per example from (key, row in the global batch),
+    so splitting the batch into microbatches does not change them."""
+    k_examples, k_dropout = jax.random.split(key)
+    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(k_examples, rows)
+    draws = jax.vmap(lambda k: (jax.random.normal(jax.random.fold_in(k, 1), image_shape, jnp.float32),
+                                jax.random.bernoulli(jax.random.fold_in(k, 2), caption_dropout)))
+    noise, drop = draws(example_keys)
+    t = draw_timesteps(example_keys, num_timesteps, high_noise_fraction, high_noise_from)
+    # Dropout draws for the whole (micro)batch at once; distinct per microbatch.
+    return t, noise, drop, jax.random.fold_in(k_dropout, rows[0])
+
+
+def negative_term(predict_negative: Callable[[jax.Array], jax.Array], diffusion, x0, x_t, t, noise,
+                  own_mse, mse_weights, qualifies) -> dict[str, jax.Array]:
+    """The hard-negative term and its metrics, for batches whose examples may carry a caption the
+    image nearly matches (a source's `negative_caption`; for the demo's shapes, the two objects'
+    colours or shapes exchanged).
+
+    On the examples that `qualify` (one is given, a timestep from `negative_from` * T on and their
+    own caption kept), the model also predicts from the same x_t under the negative caption
+    (`predict_negative(rows)`), and the term asks that prediction's (weighted) MSE to exceed the own
+    caption's: NEGATIVE_TEMPERATURE * softplus((mse_own - mse_negative) / NEGATIVE_TEMPERATURE),
+    averaged over the batch. The plain loss barely rewards binding each colour to its object (the
+    two captions' best predictions differ only faintly at the noise levels where a sample's colours
+    are settled); this term rewards exactly that difference. To bound its cost the negative pass
+    runs on NEGATIVE_SHARE of each (micro)batch, those of its examples that qualify first.
+    """
+    n = x0.shape[0]
+    rows_compared = jnp.argsort(~qualifies, stable=True)[:max(1, int(n * NEGATIVE_SHARE))]
+    t_compared = t[rows_compared]
+    neg_mse = diffusion.training_losses(predict_negative(rows_compared), x0[rows_compared], x_t[rows_compared],
+                                        t_compared, noise[rows_compared])["mse"]
+    gap = mse_weights[t_compared] * (own_mse[rows_compared] - neg_mse)   # < 0: the own caption explains x_0 better
+    compared = qualifies[rows_compared]
+    hinge = NEGATIVE_TEMPERATURE * jax.nn.softplus(gap / NEGATIVE_TEMPERATURE)
+    return {"negative": jnp.sum(jnp.where(compared, hinge, 0.0)) / n,
+            "negative_won": jnp.sum(compared & (gap < 0)) / jnp.maximum(jnp.sum(compared), 1),
+            "negative_compared": jnp.sum(compared) / n}
 
 
 def clip_task(clip_config, *, compute_dtype: str = "float32", negative_weight: float = 0.0) -> TrainTask:

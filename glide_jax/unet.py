@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from .conditioning import build_conditioning
 from .config import ConfigError, ModelConfig
 from .layers import (GROUPNORM_GROUPS, Dtype, GroupNorm32, avg_pool_2x2, conv, dense, multihead_attention,
                      resize_bilinear, timestep_embedding, upsample_nearest)
@@ -36,7 +37,7 @@ class ResBlock(nn.Module):
     norm_groups: int = GROUPNORM_GROUPS
 
     @nn.compact
-    def __call__(self, x, emb, deterministic: bool = True, layout=None):
+    def __call__(self, x, emb, deterministic: bool = True, conditioning_map=None):
         h = GroupNorm32(swish=True, groups=self.norm_groups, name="in_norm")(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
@@ -47,9 +48,9 @@ class ResBlock(nn.Module):
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = dense(emb_width, self.dtype, "emb_proj")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
-        if layout is not None:
-            layout = resize_bilinear(layout.astype(h.dtype), h.shape[1], h.shape[2])
-            emb_out = emb_out + dense(emb_width, self.dtype, "layout_proj", zero_init=True)(layout).astype(h.dtype)
+        if conditioning_map is not None:   # an optional extension's map (glide_jax.conditioning)
+            placed = resize_bilinear(conditioning_map.astype(h.dtype), h.shape[1], h.shape[2])
+            emb_out = emb_out + dense(emb_width, self.dtype, "layout_proj", zero_init=True)(placed).astype(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = GroupNorm32(swish=False, groups=self.norm_groups, name="out_norm")(h) * (1 + scale) + shift
@@ -72,17 +73,12 @@ class AttentionBlock(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     norm_groups: int = GROUPNORM_GROUPS
-    position_embedding: bool = False  # see ModelConfig.attention_position_embedding
 
     @nn.compact
     def __call__(self, x, xf_out=None):
         batch, height, width, channels = x.shape
         head_ch = channels // self.heads
         h = GroupNorm32(groups=self.norm_groups, name="norm")(x).reshape(batch, height * width, channels)
-        if self.position_embedding:
-            # Zero at initialisation, so adding it to a trained model leaves its function unchanged.
-            positions = self.param("position_embedding", nn.initializers.zeros, (height * width, channels), jnp.float32)
-            h = h + positions.astype(h.dtype)
         # Fused projections are laid out [head][q|k|v][channel], matching the reference's weights.
         qkv = dense(3 * channels, self.dtype, "qkv")(h)
         qkv = qkv.reshape(batch, height * width, self.heads, 3, head_ch)
@@ -96,43 +92,6 @@ class AttentionBlock(nn.Module):
         out = multihead_attention(q, k, v).reshape(batch, height * width, channels)
         out = dense(channels, self.dtype, "proj_out", zero_init=True)(out)
         return x + out.reshape(x.shape)
-
-
-def _standardise(x, eps: float = 1e-5):
-    """Zero mean, unit variance over the last axis: a LayerNorm without its scale and bias."""
-    mean = x.mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
-
-
-class TextLayout(nn.Module):
-    """The caption laid out over a `size`×`size` grid (see ModelConfig.text_layout_size): one learned
-    query per place attends to the text tokens, and the timestep embedding is added so that the
-    map can say different things at different noise levels. Keys and values come from the text
-    transformer's outputs `xf_out`, or, given `xf_words` (ModelConfig.text_layout_values "words"),
-    the values from the words' own embeddings, normalised to the outputs' scale; the parameters are
-    the same either way. Returns [B, size, size, width]."""
-
-    size: int
-    heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, xf_out, emb, xf_words=None):
-        batch, _, width = xf_out.shape
-        head_ch = width // self.heads
-        # Unit-scale queries: the attention must tell the places apart from the first step on.
-        queries = self.param("queries", nn.initializers.normal(1.0), (self.size * self.size, width), jnp.float32)
-        q = dense(width, self.dtype, "q")(queries.astype(self.dtype))
-        q = jnp.broadcast_to(q.reshape(1, -1, self.heads, head_ch), (batch, q.shape[0], self.heads, head_ch))
-        kv_layer = dense(2 * width, self.dtype, "kv")
-        kv = kv_layer(xf_out.astype(self.dtype)).reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
-        k, v = kv[..., 0, :], kv[..., 1, :]
-        if xf_words is not None:
-            words = _standardise(xf_words.astype(jnp.float32)).astype(self.dtype)
-            v = kv_layer(words).reshape(batch, xf_words.shape[1], self.heads, 2, head_ch)[..., 1, :]
-        out = multihead_attention(q, k, v).reshape(batch, -1, width)
-        out = dense(width, self.dtype, "proj")(out) + dense(width, self.dtype, "emb_proj")(nn.silu(emb))[:, None, :]
-        return nn.silu(out).reshape(batch, self.size, self.size, width)
 
 
 class Downsample(nn.Module):
@@ -175,7 +134,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True, xf_words=None):
+    def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True):
         cfg = self.config
         model_ch = cfg.num_channels
         attention_rates = cfg.attention_downsample_rates
@@ -184,22 +143,21 @@ class UNet(nn.Module):
 
         def attention(ch, heads, name):
             return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
-                                  cfg.attention_position_embedding, name=name)
+                                  name=name)
 
         emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_0")(emb)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_2")(nn.silu(emb))
         if xf_proj is not None:
             emb = emb + xf_proj.astype(emb.dtype)
-        layout = None
-        if cfg.text_layout_size and xf_out is not None:
-            layout = TextLayout(cfg.text_layout_size, cfg.text_layout_heads, self.dtype,
-                                name="text_layout")(xf_out, emb, xf_words)
+        conditioning_map = None
+        if cfg.conditioning is not None and xf_out is not None:
+            conditioning_map = build_conditioning(cfg.conditioning, self.dtype)(xf_out, emb)
 
         def res_block(out_ch, name, resample=None):
             block = ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,
                              name=name)
-            return lambda h: block(h, emb, deterministic, layout)
+            return lambda h: block(h, emb, deterministic, conditioning_map)
 
         ch = cfg.channel_multipliers[0] * model_ch
         h = conv(ch, 3, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
@@ -273,8 +231,7 @@ class GlideUNet(nn.Module):
             self.text_encoder = TextEncoder(
                 text_ctx=cfg.text_ctx, width=cfg.xf_width, layers=cfg.xf_layers, heads=cfg.xf_heads,
                 n_vocab=cfg.n_vocab, final_ln=cfg.xf_final_ln, padding=cfg.xf_padding,
-                proj_dim=cfg.time_embed_dim,
-                word_features=bool(cfg.text_layout_size) and cfg.text_layout_values == "words", dtype=self.dtype)
+                proj_dim=cfg.time_embed_dim, dtype=self.dtype)
         self.unet = UNet(cfg, self.dtype)
 
     def encode_text(self, tokens, mask=None) -> TextOutputs | None:
@@ -309,8 +266,7 @@ class GlideUNet(nn.Module):
         h = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
         xf_proj = text["xf_proj"] if text is not None else None
         xf_out = text["xf_out"] if text is not None else None
-        xf_words = text.get("xf_words") if text is not None else None
-        out = self.unet(h, timesteps, xf_proj, xf_out, deterministic, xf_words)
+        out = self.unet(h, timesteps, xf_proj, xf_out, deterministic)
         return out.astype(x.dtype)
 
     def __call__(self, x, timesteps, tokens=None, mask=None, *, low_res=None, inpaint_image=None,

@@ -49,7 +49,7 @@ from .convert import ConversionError, convert_state_dict
 from .pt_reader import PtFormatError, load_state_dict
 
 __all__ = ["DEFAULT_BASE_URL", "DEMO_DIR", "WEIGHTS_URL_ENV", "RELEASED", "ReleasedModel", "WeightsError",
-           "find_converted", "load", "load_local", "load_released", "released_config", "weights_dir",
+           "find_converted", "hub_snapshot", "is_hub_id", "load", "load_local", "load_released", "released_config", "weights_dir",
            "weights_url"]
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021"
@@ -125,7 +125,9 @@ def weights_dir(cache: str | os.PathLike | None = None) -> Path:
 
 
 def _is_converted(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and (directory / "params").is_dir()
+    from .checkpoint import is_saved_model
+
+    return is_saved_model(directory)
 
 
 def _same_network(a: AnyConfig, b: AnyConfig) -> bool:
@@ -178,10 +180,13 @@ def _cast(params: Any, dtype) -> Any:
 def _convert_files(model: ReleasedModel, paths: list[Path], config: AnyConfig) -> Any:
     """The reference files -> float32 params (nothing written); raises WeightsError naming the file."""
     try:
+        for path, size in zip(paths, model.sizes):
+            # A cut or foreign file is reported as that, before the reader calls it corrupt.
+            download.check_file(path, size)
         if model.is_clip:
             return load_clip_checkpoints(paths[0], paths[1], config)
         return convert_state_dict(load_state_dict(paths[0]), config, source=str(paths[0]))
-    except (PtFormatError, ConversionError, ClipConversionError, ConfigError) as err:
+    except (PtFormatError, ConversionError, ClipConversionError, ConfigError, download.DownloadError) as err:
         raise WeightsError(f"{' and '.join(map(str, paths))} cannot be converted to the {model.name} "
                            f"model: {err}") from None
 
@@ -244,6 +249,8 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
     Raises `WeightsError` saying which file is missing or wrong, where, and how to provide it.
     """
     model = _released(name)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise WeightsError(f"retries must be a non-negative integer, got {retries!r}")
     config = _wanted_config(model, config)
     root = weights_dir(cache)
     converted = root / model.converted
@@ -286,7 +293,8 @@ def load_released(name: str, *, cache: str | os.PathLike | None = None, offline:
             # Kept: the download was complete (its size checked), so a format problem or a config
             # mismatch is fixed by the user or a newer glide-jax, never by fetching gigabytes again.
             kept = " and ".join(str(p) for p in paths)
-            raise WeightsError(f"{err}\nThe downloaded file(s) are kept at {kept}; delete them to "
+            raise WeightsError(f"{err}\nThe downloaded file(s) are kept at {kept} (complete: their size "
+                               f"checked out, so the content or its format is the problem); delete them to "
                                f"download again from {weights_url(model.files[0], base_url)}.") from None
         _save_converted(converted, params, config)
         if not keep_checkpoint:
@@ -363,15 +371,43 @@ def load_local(path: str | os.PathLike, name: str, *, config: AnyConfig | None =
 # -- the one resolver ----------------------------------------------------------------------------------
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hugging Face Hub repository ("owner/name") rather than a local path."""
+    text = str(source)
+    return (not Path(text).expanduser().exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in text.split("/")))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """A local copy of Hub repository `repo_id` (a directory of converted models), through
+    huggingface_hub's cache: downloaded once, and with `HF_HUB_OFFLINE=1` only read from the cache."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise WeightsError(f"{repo_id!r} looks like a Hugging Face Hub repository, but huggingface_hub is not "
+                           f"installed (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise WeightsError(f"the Hub repository {repo_id!r} is not in the local Hugging Face cache and it cannot "
+                           f"be downloaded (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}, or no "
+                           f"network): {' '.join(str(err).split())[:300]}") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise WeightsError(f"cannot get the Hub repository {repo_id!r}: {' '.join(str(err).split())[:300]}") from None
+
+
 def load(source: str | os.PathLike, name: str, *, dtype=None, **released_options) -> tuple[AnyConfig, Any]:
     """`(config, params)` of model `name` from `source`: "glide" (the released weights, downloaded
     and converted once; `released_options` go to `load_released`), "demo" (the bundled demo
-    models), or a directory of converted models or of the reference's `.pt` files."""
+    models), a directory of converted models (orbax or safetensors) or of the reference's `.pt`
+    files, or a Hugging Face Hub repository id ("owner/name") holding such a directory."""
     if str(source) == "glide":
         return load_released(name, dtype=dtype, **released_options)
     if released_options:
         raise WeightsError(f"{sorted(released_options)} apply to the released weights only")
-    directory = DEMO_DIR if str(source) == "demo" else Path(source)
+    directory = DEMO_DIR if str(source) == "demo" else (
+        hub_snapshot(str(source)) if is_hub_id(source) else Path(source))
     if str(source) == "demo" and find_converted(directory, name) is None:
         raise WeightsError(
             f"the bundled demo model {name!r} is missing: expected {directory / _released(name).converted}/ "

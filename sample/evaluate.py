@@ -3,7 +3,7 @@
     python -m sample.evaluate --prompts 48 --seeds 2 --out out/eval
 
 For each condition, N prompts × M seeds are sampled with the same noise, and every image is
-read back by the shapes analyser (`glide_jax.shapes.analyse`) and checked against its caption:
+read back by the shapes analyser (`demo.shapes.analyse`) and checked against its caption:
 the colour and kind of every shape, the background, and for two-object prompts the relation of
 the centroids. Held-out combinations (colour-shape pairs never shown in training) are scored as
 colour and shape both right on the prompts that contain one. Conditions: classifier-free guidance
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from demo import shapes
 from sample import generate
-
-from glide_jax import shapes
 
 CFG_SCALES = (1.0, 3.0, 5.0, 8.0)
 UNGUIDED = "CFG 1 (no guidance)"
@@ -362,8 +361,6 @@ def _demo_pipeline(args):
 
 
 def evaluate(args, log=print) -> dict:
-    from sample.images import make_grid, save_png
-
     pipe = _demo_pipeline(args)
 
     if args.prompts < 1 or args.seeds < 1:
@@ -420,22 +417,7 @@ def evaluate(args, log=print) -> dict:
             if name not in (clip_name, UNGUIDED)}
 
     if args.inpaint > 0:
-        ip_prompts, ip_images, ip_masks = inpaint_cases(args.inpaint)
-        start = time.perf_counter()
-        out = sample_condition(pipe, [p.caption for p in ip_prompts], seeds, respacing=args.respacing,
-                               sampler=args.sampler, guidance="cfg", scale=args.inpaint_scale,
-                               inpaint_image=ip_images.astype(np.float32) / 127.5 - 1, inpaint_mask=ip_masks)
-        followed, kept, changes = [], [], []
-        for i, img in enumerate(out):
-            p = i // len(seeds)
-            followed.append(judge(ip_prompts[p], img)["all"])
-            keep = ip_masks[p][..., 0] > 0
-            change = float(np.abs(img.astype(np.float64) - ip_images[p])[keep].mean())
-            changes.append(change)
-            kept.append(change <= KEEP_TOLERANCE)
-        results["inpaint"] = {"n": args.inpaint, "guidance_scale": args.inpaint_scale,
-                              "followed": proportion(followed), "kept": proportion(kept),
-                              "max_kept_change": max(changes), "seconds": time.perf_counter() - start}
+        results["inpaint"] = evaluate_inpainting(pipe, args, seeds)
         log(f"inpainting: followed {_pct(results['inpaint']['followed'])}, kept {_pct(results['inpaint']['kept'])}")
 
     if args.upsample > 0:
@@ -445,19 +427,46 @@ def evaluate(args, log=print) -> dict:
         log(f"upsampler PSNR {u['model']['psnr']['mean']:.2f} dB vs bicubic {u['bicubic']['psnr']['mean']:.2f} dB")
 
     out_dir = Path(args.out)
+    _write(out_dir, results, args.grid, grid_rows, captions)
+    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    return results
+
+
+def _write(out_dir: Path, results: dict, grid: str, grid_rows: dict, captions: list[str]) -> None:
+    from sample.images import make_grid, save_png
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
-    if args.grid and grid_rows:
+    if grid and grid_rows:
         # Rows: prompts; columns: the conditions in order (CFG scales, then CLIP).
         columns = list(grid_rows)
         cells = np.stack([grid_rows[c][r] for r in range(len(grid_rows[columns[0]])) for c in columns])
-        grid = make_grid(cells, columns=len(columns))
-        save_png(args.grid, np.kron(grid, np.ones((2, 2, 1), np.uint8)))
+        image = make_grid(cells, columns=len(columns))
+        save_png(grid, np.kron(image, np.ones((2, 2, 1), np.uint8)))
         (out_dir / "grid_prompts.txt").write_text(
             "columns: " + " | ".join(columns) + "\n" + "\n".join(captions[:len(grid_rows[columns[0]])]) + "\n")
-    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
-    return results
+
+
+def evaluate_inpainting(pipe, args, seeds) -> dict:
+    """Two-object scenes with one object masked out and another asked for there: is it drawn, and
+    does the kept region stay put?"""
+    ip_prompts, ip_images, ip_masks = inpaint_cases(args.inpaint)
+    start = time.perf_counter()
+    out = sample_condition(pipe, [p.caption for p in ip_prompts], seeds, respacing=args.respacing,
+                           sampler=args.sampler, guidance="cfg", scale=args.inpaint_scale,
+                           inpaint_image=ip_images.astype(np.float32) / 127.5 - 1, inpaint_mask=ip_masks)
+    followed, kept, changes = [], [], []
+    for i, img in enumerate(out):
+        p = i // len(seeds)
+        followed.append(judge(ip_prompts[p], img)["all"])
+        keep = ip_masks[p][..., 0] > 0
+        change = float(np.abs(img.astype(np.float64) - ip_images[p])[keep].mean())
+        changes.append(change)
+        kept.append(change <= KEEP_TOLERANCE)
+    return {"n": args.inpaint, "guidance_scale": args.inpaint_scale,
+            "followed": proportion(followed), "kept": proportion(kept),
+            "max_kept_change": max(changes), "seconds": time.perf_counter() - start}
 
 
 def evaluate_upsampler(pipe, n: int, respacing: str, sampler: str, start: int) -> dict:

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 EXIT_BAD_INPUT = 2
-EXIT_BUG = 1
+EXIT_BUG = 1   # glide_jax.errors.EXIT_BUG, without importing the package before XLA_FLAGS is set
 
 # What the help text quotes; the values in force come from the chosen models' Pipeline defaults
 # (glide_jax.pipeline.SamplingDefaults: the reference's, or demo/pipeline.json for the demo).
@@ -101,6 +102,10 @@ def _parse_args(argv):
                    help="upsampler sampler " + DEFAULTS % ("ddim, ddpm when inpainting", "ddim"))
     p.add_argument("--inpaint-image", help="image to inpaint (needs --inpaint-mask)")
     p.add_argument("--inpaint-mask", help="mask image of the same size: white = keep, black = generate")
+    p.add_argument("--init-image", help="img2img (SDEdit): start the base model from this image, noised to "
+                                         "--strength of the chain")
+    p.add_argument("--strength", type=float, help="with --init-image: how far to noise it, in (0, 1] "
+                                                  "(default 0.8; 1 ignores the image)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
@@ -158,8 +163,31 @@ def _check_args(args) -> None:
         given, missing = (("--inpaint-image", "--inpaint-mask") if args.inpaint_image
                           else ("--inpaint-mask", "--inpaint-image"))
         raise InputError(f"{given} needs {missing} too")
+    if args.init_image is not None and args.inpaint_image is not None:
+        raise InputError("--init-image (img2img) and --inpaint-image do not go together")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength applies to --init-image only")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise InputError(f"--strength must be a number in (0, 1], got {args.strength}")
     if args.sampler not in (None, "ddim") and args.eta:
         raise InputError("--eta applies to --sampler ddim only")
+    _check_out(args.out)
+
+
+def _check_out(out: str) -> None:
+    """--out must be creatable and writable, checked before minutes of sampling; nothing is
+    created here, so a run refused later leaves no empty directory behind."""
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        target = path
+    else:
+        target = next((p for p in path.absolute().parents if p.exists()), None)
+        if target is None or not target.is_dir():
+            raise InputError(f"--out {out} cannot be created: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out} cannot be written: {target} is not writable")
 
 
 def _apply_defaults(args, defaults) -> None:
@@ -207,7 +235,8 @@ def _prompts(args) -> list[str]:
 
 
 def _writable(out: Path) -> None:
-    """Creates `out`, or says why it cannot be written, before any sampling time is spent."""
+    """Creates `out` once the models are loaded (`_check_out` refused what it could up front) and
+    proves it writable with a real file, before any sampling time is spent."""
     import tempfile
 
     try:
@@ -258,7 +287,7 @@ def _chunks(n: int, max_batch: int | None):
         yield start, rows + [rows[-1]] * (size - len(rows)), len(rows)
 
 
-def _sample(pipe, args, prompts, inpaint_files, out: Path, log) -> dict:
+def _sample(pipe, args, prompts, inpaint_files, init, out: Path, log) -> dict:
     """Samples chunk by chunk, writing each chunk's PNGs as soon as it is done."""
     import jax
 
@@ -272,6 +301,7 @@ def _sample(pipe, args, prompts, inpaint_files, out: Path, log) -> dict:
                    upsample=args.upsample, upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
                    upsample_start=args.upsample_start, upsample_temp=args.upsample_temp,
                    negative_prompt=args.negative_prompt, progress=progress,
+                   **({} if init is None else dict(init_image=init, strength=args.strength)),
                    warn=lambda message: log(f"warning: {message}", err=True))
     pixels, files = [], []
     for start, chunk, kept in _chunks(len(rows), args.max_batch):
@@ -317,6 +347,7 @@ def run(args, log) -> Path:
     prompts = _prompts(args)
     inpainting = args.inpaint_image is not None
     inpaint_files = image_io.load_inpaint_inputs(args.inpaint_image, args.inpaint_mask) if inpainting else None
+    init = image_io.open_image(args.init_image, "--init-image") if args.init_image else None
     source = args.checkpoint_dir or args.model
     pipe = Pipeline(source, dtype=args.dtype, vocab_dir=args.vocab_dir, compile_cache=args.compile_cache)
     _apply_defaults(args, pipe.defaults)
@@ -331,7 +362,7 @@ def run(args, log) -> Path:
         pipe.model("clip")
     out = Path(args.out)
     _writable(out)
-    summary = _sample(pipe, args, prompts, inpaint_files, out, log)
+    summary = _sample(pipe, args, prompts, inpaint_files, init, out, log)
     log(f"wrote {len(prompts) * args.batch_size} image(s) and grid.png to {out.resolve()}")
     if args.json:
         import json
@@ -364,26 +395,10 @@ def bad_input_message(err: Exception) -> str | None:
     return None
 
 
-def report_bug(err: BaseException, program: str) -> int:
-    """An unexpected error: one line saying it is a bug and where the traceback was written."""
-    import tempfile
-    import traceback
-
-    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    try:
-        handle, path = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")
-        with open(handle, "w") as f:
-            f.write(text)
-        where = f"the traceback is in {path}"
-    except OSError:
-        where = "the traceback could not be written to a file:\n" + text
-    print(f"error: an unexpected error, which is a bug in glide-jax ({type(err).__name__}: "
-          f"{' '.join(str(err).split())[:300]}); {where}", file=sys.stderr)
-    return EXIT_BUG
-
-
 def handle_error(err: Exception, program: str) -> int:
     """The exit code for an error that reached a CLI's top level, after its one line on stderr."""
+    from glide_jax.errors import report_bug
+
     message = bad_input_message(err)
     if message is None:
         return report_bug(err, program)
@@ -441,7 +456,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- the one place every error of a run is reported
         return handle_error(err, "sample.generate")
     return 0
 

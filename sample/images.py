@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,25 @@ from PIL import Image, UnidentifiedImageError
 from glide_jax.images import ImageInputError
 
 
+class ImageOutputError(ImageInputError):
+    """An output image cannot be written where the user asked (the CLI reports it as bad input)."""
+
+
 def open_image(path: str | Path, what: str) -> Image.Image:
-    """The image at `path`, fully decoded (so a truncated file fails here, not later)."""
+    """The image at `path`, fully decoded (so a truncated file fails here, not later).
+
+    An image that would decode to more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (a
+    decompression bomb: a small file that expands to gigabytes) is refused before decoding;
+    PIL itself only warns up to twice that limit.
+    """
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():  # the CLI reads its inputs on one thread
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageInputError(f"{what} {path}: refusing to decode a possible decompression bomb "
+                              f"({err})") from None
     except FileNotFoundError:
         raise ImageInputError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
@@ -48,7 +65,17 @@ def save_png(path: str | Path, image: np.ndarray, metadata: dict[str, str] | Non
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)
-    Image.fromarray(image).save(path, format="PNG", pnginfo=info)
+    # Written beside the target and renamed, so a failed write (disk full, permissions) never
+    # leaves a half PNG under the final name.
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        Image.fromarray(image).save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # e.g. the directory itself is not there
+            partial.unlink(missing_ok=True)
+        raise ImageOutputError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:

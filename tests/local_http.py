@@ -3,13 +3,16 @@
 It serves `server.files` (path -> bytes), honours Range requests unless `server.support_range` is
 off, answers the statuses queued in `server.statuses` first, and for each length queued in
 `server.cuts` announces the full length but hangs up after that many bytes, like a dropped
-connection. Every request is recorded in `server.requests`. `server.before_chunk(path)` runs
+connection. With `server.send_length` off it sends no Content-Length and ends the body by closing
+the connection; `server.stall` seconds pass between the headers and the body, like a server that
+hangs. Every request is recorded in `server.requests`. `server.before_chunk(path)` runs
 before each 1 MiB chunk goes out, so a test can look at the client's files mid-transfer.
 """
 
 import contextlib
 import http.server
 import threading
+import time
 
 CHUNK = 1 << 20
 
@@ -45,8 +48,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if srv.send_length:
+            self.send_header("Content-Length", str(len(body)))
+        else:
+            self.close_connection = True
         self.end_headers()
+        self.wfile.flush()
+        if srv.stall:
+            time.sleep(srv.stall)
         limit = srv.cuts.pop(0) if srv.cuts else len(body)
         for offset in range(0, limit, CHUNK):
             srv.before_chunk(self.path)
@@ -60,7 +69,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def serving(files: dict[str, bytes]):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.files, srv.requests, srv.statuses, srv.cuts = dict(files), [], [], []
-    srv.support_range = True
+    srv.support_range, srv.send_length, srv.stall = True, True, 0.0
     srv.before_chunk = lambda path: None
     srv.base_url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)

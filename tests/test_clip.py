@@ -74,16 +74,21 @@ def test_full_size_manifest(golden, tower, manifest_name):
 
 def test_conversion_names_every_bad_key_before_converting(tiny):
     config, _, _, _, (image_sd, text_sd) = tiny
+    # Shapes from the golden state dict itself, so any golden set made the same way passes.
+    missing = f"blocks.block_{config.n_xf_blocks_image - 1}.f_mlp.f_2.b"
+    width = image_sd[missing].shape[0]
+    n_pos = image_sd["blocks.input.w_pos"].shape[0]
     broken = dict(image_sd)
-    del broken["blocks.block_1.f_mlp.f_2.b"]
-    broken["blocks.block_0.f_attn.f_k.b"] = np.zeros(48, np.float32)
-    broken["blocks.input.w_pos"] = np.zeros((64, 48), np.float32)
+    del broken[missing]
+    broken["blocks.block_0.f_attn.f_k.b"] = np.zeros(width, np.float32)
+    broken["blocks.input.w_pos"] = np.zeros((n_pos - 1, width), np.float32)
     with pytest.raises(clip.ClipConversionError) as err:
         clip.convert_clip_state_dicts(broken, text_sd, config)
     message = str(err.value)
-    assert "missing key 'blocks.block_1.f_mlp.f_2.b' (expected shape (48,))" in message
-    assert "unexpected key 'blocks.block_0.f_attn.f_k.b' (found shape (48,))" in message
-    assert "key 'blocks.input.w_pos': expected shape (65, 48), found (64, 48)" in message
+    assert f"missing key '{missing}' (expected shape ({width},))" in message
+    assert f"unexpected key 'blocks.block_0.f_attn.f_k.b' (found shape ({width},))" in message
+    assert (f"key 'blocks.input.w_pos': expected shape ({n_pos}, {width}), "
+            f"found ({n_pos - 1}, {width})") in message
     with pytest.raises(clip.ClipConversionError, match="text_encoder"):
         clip.convert_clip_state_dicts(image_sd, image_sd, config)
 
@@ -114,8 +119,9 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
     assert z_image.dtype == z_text.dtype == jnp.float32
     assert np.sum(z_image * out["image_embeddings"], axis=-1).min() > 0.999
     assert np.sum(z_text * out["text_embeddings"], axis=-1).min() > 0.999
-    for module, args in [(clip.ClipImageEncoder, (jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,), jnp.int32))),
-                         (clip.ClipTextEncoder, (jnp.zeros((1, 77), jnp.int32), jnp.ones((1,), jnp.int32)))]:
+    size, text_len = config.image_size, config.max_text_len
+    for module, args in [(clip.ClipImageEncoder, (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))),
+                         (clip.ClipTextEncoder, (jnp.zeros((1, text_len), jnp.int32), jnp.ones((1,), jnp.int32)))]:
         shapes = jax.eval_shape(module(config, dtype=jnp.bfloat16).init, jax.random.key(0), *args)
         assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}, module
 
@@ -123,16 +129,21 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
 def test_bad_inputs_and_configs_are_named(tiny):
     config, params, inp, _, _ = tiny
     nchw = inp["images"].transpose(0, 3, 1, 2)
-    with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\).*NCHW"):
+    size, n_t, text_ctx = config.image_size, config.n_timesteps, config.max_text_len
+    bad_t = np.zeros_like(inp["timesteps"])
+    bad_t[-1] = n_t  # one step past the schedule
+    bad_len = np.array(inp["text_len"])
+    bad_len[0] = 0  # not even the start token
+    with pytest.raises(ValueError, match=rf"\(B, {size}, {size}, 3\).*NCHW"):
         clip.encode_image(params, config, nchw, inp["timesteps"])
     with pytest.raises(TypeError, match="integers"):
         clip.encode_image(params, config, inp["images"], inp["timesteps"].astype(np.float32))
-    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
-        clip.encode_image(params, config, inp["images"], np.array([0, 1000]))
-    with pytest.raises(ValueError, match=r"text_len must lie in \[1, 77\]"):
-        clip.encode_text(params, config, inp["tokens"], np.array([0, 5]))
-    with pytest.raises(ValueError, match=r"\(B, 77\)"):
-        clip.encode_text(params, config, inp["tokens"][:, :76], inp["text_len"])
+    with pytest.raises(ValueError, match=rf"\[0, {n_t}\)"):
+        clip.encode_image(params, config, inp["images"], bad_t)
+    with pytest.raises(ValueError, match=rf"text_len must lie in \[1, {text_ctx}\]"):
+        clip.encode_text(params, config, inp["tokens"], bad_len)
+    with pytest.raises(ValueError, match=rf"\(B, {text_ctx}\)"):
+        clip.encode_text(params, config, inp["tokens"][:, :text_ctx - 1], inp["text_len"])
     with pytest.raises(ValueError, match="image_encoder"):
         clip.encode_image(params["text_encoder"], config, inp["images"], inp["timesteps"])
     with pytest.raises(ConfigError, match=r"unknown CLIP config key\(s\) \['n_layers'\]"):

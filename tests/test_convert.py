@@ -15,17 +15,20 @@ def base(golden):
 
 def test_missing_unexpected_and_misshaped_keys_are_all_named(base):
     config, state_dict = base
+    # Shapes from the golden state dict, so any golden set made the same way passes.
+    conv = state_dict["input_blocks.1.0.in_layers.2.weight"].shape
+    out = state_dict["out.2.weight"].shape
     broken = dict(state_dict)
     del broken["input_blocks.1.0.in_layers.2.weight"]
     broken["input_blocks.1.0.extra.weight"] = np.zeros(3, np.float32)
-    broken["out.2.weight"] = np.zeros((6, 32, 1, 1), np.float32)
+    broken["out.2.weight"] = np.zeros(out[:2] + (1, 1), np.float32)
     with pytest.raises(ConversionError) as err:
         convert_state_dict(broken, config, source="broken.pt")
     message = str(err.value)
     assert "broken.pt" in message
-    assert "input_blocks.1.0.in_layers.2.weight (expected shape (32, 32, 3, 3))" in message
+    assert f"input_blocks.1.0.in_layers.2.weight (expected shape {conv})" in message
     assert "input_blocks.1.0.extra.weight (shape (3,))" in message
-    assert "out.2.weight: expected shape (6, 32, 3, 3), found (6, 32, 1, 1)" in message
+    assert f"out.2.weight: expected shape {out}, found {out[:2] + (1, 1)}" in message
 
 
 def test_wrong_config_is_refused_and_nothing_written(golden, tmp_path):

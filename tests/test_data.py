@@ -15,7 +15,9 @@ from PIL import Image
 
 from glide_jax import data as D
 from glide_jax import masks as M
-from glide_jax import shapes as S
+import demo  # noqa: F401  (registers the "shapes" source kind)
+from demo import shapes as S
+from demo.sources import ShapesSource
 
 
 def _png_bytes(colour, size=(24, 16), fmt="PNG"):
@@ -159,6 +161,33 @@ def test_make_source_errors_name_the_bad_key(tmp_path):
         D.make_source({"kind": "folder", "path": str(tmp_path)})
 
 
+def test_source_kinds_come_from_a_registry_that_plugins_extend(tmp_path):
+    assert {"folder", "tar", "shapes"} <= set(D.registered_sources())
+    with pytest.raises(D.DataError, match="data source 'kind' 'webdataset' is not registered; registered kinds: "
+                                          "\\[.*'folder', 'shapes', 'tar'.*\\] \\(a plugin module registers more"):
+        D.make_source({"kind": "webdataset"})
+
+    class Constant(D.Source):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def load(self, index, epoch, image_size, rng):
+            return np.zeros((image_size, image_size, 3), np.uint8), f"record {index}"
+
+    D.register_source("constant_test", lambda spec: Constant(spec.get("n", 3)), keys=("n",))
+    loader = D.DataLoader(D.make_source({"kind": "constant_test", "n": 4}), batch_size=4, image_size=8,
+                          shuffle_buffer=0, prefetch=0)
+    assert sorted(next(loader)["captions"]) == [f"record {i}" for i in range(4)]
+    with pytest.raises(D.DataError, match="unknown key\\(s\\) \\['size'\\] for a 'constant_test' data source; "
+                                          "allowed: \\['kind', 'n'\\]"):
+        D.make_source({"kind": "constant_test", "size": 2})
+    with pytest.raises(ValueError, match="'constant_test' is already registered"):
+        D.register_source("constant_test", lambda spec: Constant(1), keys=())
+
+
 def test_shapes_source_renders_at_the_loader_size_and_matches_the_stream():
     source = D.make_source({"kind": "shapes", "seed": 4, "epoch_size": 10})
     loader = D.DataLoader(source, batch_size=12, image_size=32, seed=0, prefetch=0)
@@ -205,72 +234,6 @@ def test_shapes_negative_captions_swap_colours_or_kinds_in_the_same_words(folder
         D.DataLoader(D.FolderSource(folder), batch_size=2, image_size=8, prefetch=0, negatives=True)
 
 
-def test_shapes_attribute_negatives_also_name_one_wrong_colour_or_shape():
-    spec = {"kind": "shapes", "seed": 4, "epoch_size": 300}
-    swaps = next(D.DataLoader(D.make_source(spec), batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True))
-    batch = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": "changed"}), batch_size=300,
-                              image_size=8, seed=0, prefetch=0, negatives=True))
-    assert batch["captions"] == swaps["captions"]
-    counts = {"swap": 0, "colour": 0, "kind": 0}
-    for index, (caption, negative) in enumerate(zip(batch["captions"], batch["negative_captions"])):
-        scene = S.scene_at(4, index)
-        if len(scene.shapes) == 2 and index % 3 != 2:
-            assert negative == swaps["negative_captions"][index]
-            counts["swap"] += negative != ""
-            continue
-        which = 0 if len(scene.shapes) == 1 else (index // 3) % 2
-        attribute = "kind" if len(scene.shapes) == 1 and index % 2 == 0 else "colour"
-        options = S.changed(scene, which, attribute, S.TRAIN_COMBINATIONS)
-        assert (negative == "") == (not options)
-        if not options:
-            continue
-        other = next(o for o in options if negative in o.captions())
-        counts[attribute] += 1
-        # One word of the same phrasing changed, to a colour the picture does not show or a training pair.
-        own, words = caption.replace(",", " ").split(), negative.replace(",", " ").split()
-        assert len(own) == len(words) and sum(a != b for a, b in zip(own, words)) == 1, (caption, negative)
-        assert set(other.spec.objects) <= set(S.TRAIN_COMBINATIONS)
-        assert other.shapes[which].colour not in {s.colour for s in scene.shapes} | {scene.background} \
-            or attribute == "kind"
-    assert min(counts.values()) > 20, counts
-
-    # "copied": where the other shape's colour makes a training pair, the changed shape takes it.
-    copies = next(D.DataLoader(D.make_source({**spec, "attribute_negatives": "copied"}), batch_size=300,
-                               image_size=8, seed=0, prefetch=0, negatives=True))
-    n_copied = 0
-    for index, (negative, changed) in enumerate(zip(copies["negative_captions"], batch["negative_captions"])):
-        scene = S.scene_at(4, index)
-        copy = S.copied(scene, (index // 3) % 2) if len(scene.shapes) == 2 and index % 3 == 2 else None
-        if copy is not None and set(copy.spec.objects) <= set(S.TRAIN_COMBINATIONS):
-            assert negative in copy.captions()
-            n_copied += 1
-        else:
-            assert negative == changed
-    assert n_copied > 10
-    for bad in (True, "yes"):
-        with pytest.raises(D.DataError, match=f"'attribute_negatives' must be false or one of \\['changed', 'copied'\\], got {bad!r}"):
-            D.make_source({**spec, "attribute_negatives": bad})
-
-
-def test_shapes_extra_colours_reach_the_images_and_the_negatives():
-    spec = {"kind": "shapes", "seed": 4, "epoch_size": 300, "extra_shape_colours": ["black", "gray"],
-            "attribute_negatives": "changed"}
-    source = D.make_source(spec)
-    batch = next(D.DataLoader(source, batch_size=300, image_size=8, seed=0, prefetch=0, negatives=True))
-    scenes = [S.scene_at(4, i, "train", ("black", "gray")) for i in range(300)]
-    assert all(caption in scene.captions() for caption, scene in zip(batch["captions"], scenes))
-    allowed = set(S.training_combinations(["black", "gray"]))
-    negatives = [S.parse_caption(n) for n in batch["negative_captions"] if n]
-    assert len(negatives) > 200 and all(set(n.objects) <= allowed for n in negatives)
-    assert any(c in ("black", "gray") for n in negatives for c, _ in n.objects)
-    assert source.fingerprint() != D.make_source({k: v for k, v in spec.items() if k != "extra_shape_colours"}).fingerprint()
-    for bad, message in ((["pink"], "extra shape colour 'pink'"), ("black", "must be a list of colour names")):
-        with pytest.raises(D.DataError, match=message):
-            D.make_source({**spec, "extra_shape_colours": bad})
-    with pytest.raises(D.DataError, match="train split only, got split 'heldout'"):
-        D.make_source({**spec, "split": "heldout"})
-
-
 def test_shapes_extra_kinds_reach_the_images_and_change_the_fingerprint():
     spec = {"kind": "shapes", "seed": 4, "epoch_size": 300, "extra_shape_kinds": ["diamond", "cross"]}
     source = D.make_source(spec)
@@ -284,29 +247,6 @@ def test_shapes_extra_kinds_reach_the_images_and_change_the_fingerprint():
             D.make_source({**spec, "extra_shape_kinds": bad})
     with pytest.raises(D.DataError, match="'extra_shape_kinds' apply to the train split only"):
         D.make_source({**spec, "split": "heldout"})
-
-
-def test_shapes_partial_captions_leave_a_word_out_of_a_share_of_records_without_negatives():
-    spec = {"kind": "shapes", "seed": 4, "epoch_size": 200, "attribute_negatives": "copied"}
-    full = next(D.DataLoader(D.make_source(spec), batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
-    source = D.make_source({**spec, "partial_captions": 0.25})
-    partial = next(D.DataLoader(source, batch_size=400, image_size=8, seed=0, prefetch=0, negatives=True))
-    assert np.array_equal(partial["images"], full["images"])
-    counts = {"colour": 0, "kind": 0}
-    for i, (caption, negative) in enumerate(zip(partial["captions"], partial["negative_captions"])):
-        left_out = source.left_out(i % 200, i // 200)
-        if left_out is None:
-            assert (caption, negative) == (full["captions"][i], full["negative_captions"][i])
-            continue
-        counts[left_out[1]] += 1
-        scene = S.scene_at(4, i)
-        assert caption in S.captions_for(scene.spec, left_out) and negative == ""
-        assert source.left_out(i % 200, i // 200) == left_out     # a function of the record alone
-    assert 70 <= sum(counts.values()) <= 130 and min(counts.values()) > 20, counts
-    assert not any(D.make_source({**spec, "partial_captions": 0}).left_out(i, 0) for i in range(50))
-    for bad in (-0.1, 1.5, True, "0.2"):
-        with pytest.raises(D.DataError, match="'partial_captions' must be a fraction in \\[0, 1\\]"):
-            D.make_source({**spec, "partial_captions": bad})
 
 
 def test_shapes_relation_negatives_name_another_relation_for_a_share_of_two_shape_records():
@@ -449,7 +389,7 @@ def test_worker_processes_give_the_same_batches_skips_and_positions(folder, pref
     kwargs = dict(batch_size=4, image_size=8, seed=5, shuffle_buffer=4, prefetch=prefetch, low_res_size=4,
                   masks=M.MaskConfig(), degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
     inline, pooled = D.DataLoader(source, **kwargs), D.DataLoader(source, workers=3, **kwargs)
-    shapes = [D.DataLoader(D.ShapesSource(seed=2, epoch_size=7), batch_size=3, image_size=8, seed=1, workers=w,
+    shapes = [D.DataLoader(ShapesSource(seed=2, epoch_size=7), batch_size=3, image_size=8, seed=1, workers=w,
                            masks=M.MaskConfig(object_weight=1.0)) for w in (0, 2)]
     for _ in range(10):   # several epochs of 13 and of 7 records
         want, got = next(inline), next(pooled)
@@ -469,7 +409,7 @@ def test_worker_processes_give_the_same_batches_skips_and_positions(folder, pref
 
 def test_workers_that_cannot_start_give_an_error_not_a_hang():
     # A program read from stdin cannot be re-imported by a spawned worker, so every worker dies.
-    program = ("from glide_jax.data import DataLoader, DataError, ShapesSource\n"
+    program = ("from glide_jax.data import DataLoader, DataError\nfrom demo.sources import ShapesSource\n"
                "loader = DataLoader(ShapesSource(), batch_size=2, image_size=8, workers=1)\n"
                "try:\n    next(loader)\nexcept DataError as err:\n    print('refused:', err)\n")
     done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=120)
@@ -538,7 +478,7 @@ def test_mask_statistics_and_determinism():
 
 
 def test_object_masks_hide_one_whole_object_of_a_shapes_scene():
-    source = D.ShapesSource(seed=5)
+    source = ShapesSource(seed=5)
     cfg = M.MaskConfig(rect_weight=0, brush_weight=0, outpaint_weight=0, object_weight=1,
                        object_margin=(0.0, 0.2))
     loader = D.DataLoader(source, batch_size=8, image_size=32, seed=1, prefetch=0, masks=cfg)

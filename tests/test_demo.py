@@ -1,7 +1,6 @@
 """The bundled demo models: the README's command offline, the model choice, and a smoke evaluation."""
 
 import json
-import shutil
 import os
 import subprocess
 import sys

@@ -128,7 +128,8 @@ import probe_clip  # noqa: E402
 
 
 def test_binding_labels_mark_each_object_s_words_with_its_colour_shape_and_place():
-    from glide_jax import shapes, tokenizers
+    from demo import shapes
+    from glide_jax import tokenizers
 
     tokenizer = tokenizers.SentencePieceTokenizer(str(PROJECT_ROOT / "demo" / "tokenizer.model"))
     colour, kind, place = shapes.SHAPE_COLOURS.index, shapes.KINDS.index, bind_text.PLACES.index
@@ -187,24 +188,6 @@ def test_binding_with_a_keep_weight_changes_the_features_less():
     assert change[10.0] < 0.5 * change[0.0], change
 
 
-def test_added_position_embeddings_start_at_zero():
-    small = ModelConfig(attention_resolutions="4", **SMALL)
-    placed = ModelConfig(attention_resolutions="8,4", attention_position_embedding=True, **SMALL)
-    trained = trained_like(small)
-    fresh = jax.tree.map(np.asarray, unet.init_params(placed, jax.random.key(7)))
-    grown = export.grow_attention(trained, fresh)
-    with_positions = {name for name, layer in grown["unet"].items() if "position_embedding" in layer}
-    assert with_positions == {"input_blocks_3_1", "input_blocks_5_1", "middle_block_1", "output_blocks_0_1",
-                              "output_blocks_1_1", "output_blocks_2_1", "output_blocks_3_1"}
-    # The 4 px layers keep their trained weights and gain the (zero) embedding.
-    np.testing.assert_array_equal(grown["unet"]["middle_block_1"]["qkv"]["kernel"],
-                                  trained["unet"]["middle_block_1"]["qkv"]["kernel"])
-    np.testing.assert_array_equal(outputs(small, trained), outputs(placed, grown))
-    nudged = jax.tree.map(lambda a: a, grown)
-    nudged["unet"]["middle_block_1"]["position_embedding"] = np.full((16, 32), 0.5, np.float32)
-    assert not np.allclose(outputs(placed, nudged), outputs(small, trained), atol=1e-3)
-
-
 def test_a_run_exports_as_float16_for_bundling_and_float32_to_start_from(tmp_path):
     import json
 
@@ -245,13 +228,13 @@ def test_a_run_exports_as_float16_for_bundling_and_float32_to_start_from(tmp_pat
 
 def test_added_text_layout_changes_nothing_until_trained(tmp_path):
     small = ModelConfig(attention_resolutions="4", **SMALL)
-    laid_out = ModelConfig(attention_resolutions="4", text_layout_size=4, **SMALL)
+    laid_out = ModelConfig(attention_resolutions="4", conditioning={"kind": "text_layout", "size": 4}, **SMALL)
     trained = trained_like(small)
     checkpoint.save_model(tmp_path / "trained", trained, small.to_dict())
     assert export.main(["grow", "--model", str(tmp_path / "trained"), "--text-layout", "4",
                         "--out", str(tmp_path / "grown")]) == 0
     config, grown = checkpoint.load_model(tmp_path / "grown")
-    assert config["text_layout_size"] == 4
+    assert config["conditioning"] == {"kind": "text_layout", "size": 4, "heads": 4}
     np.testing.assert_array_equal(grown["unet"]["middle_block_0"]["in_conv"]["kernel"],
                                   trained["unet"]["middle_block_0"]["in_conv"]["kernel"])
     np.testing.assert_array_equal(outputs(small, trained), outputs(laid_out, grown))
@@ -262,7 +245,7 @@ def test_added_text_layout_changes_nothing_until_trained(tmp_path):
 
 
 def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
-    from glide_jax import shapes
+    from demo import shapes
 
     drawn = {}
     for objects in (2, 1):
@@ -292,7 +275,7 @@ def test_binding_probe_tells_a_model_that_binds_from_one_that_reads_the_image():
 
 
 def test_clip_probe_tells_a_clip_that_reads_the_whole_caption_from_one_that_reads_a_bag_of_words():
-    from glide_jax import shapes
+    from demo import shapes
 
     alpha_bar = np.linspace(0.999, 0.001, 1000)
 

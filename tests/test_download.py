@@ -176,3 +176,97 @@ def test_cache_dir(monkeypatch, tmp_path):
     if os.name == "posix" and not download.sys.platform == "darwin":
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
         assert download.cache_dir() == tmp_path / "xdg" / "glide_jax"
+
+
+# -- bounded retries ------------------------------------------------------------------------------
+
+
+def test_server_that_always_cuts_is_tried_retries_plus_one_times(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    server.cuts = [1000] * 50
+    with pytest.raises(DownloadError, match="after 4 attempts") as info:
+        _fetch(server, dest, sha256=SHA, retries=3)
+    assert len(server.requests) == 4
+    assert not dest.exists()
+    assert info.value.partial == tmp_path / "file.bin.partial"
+    assert info.value.partial.read_bytes() == DATA[:4000]  # each attempt resumed the last
+
+
+@pytest.mark.parametrize("retries", [0, 1, 5])
+def test_failing_server_gets_exactly_retries_plus_one_requests(server, tmp_path, retries):
+    server.statuses = [503] * 50
+    with pytest.raises(DownloadError, match=f"after {retries + 1} attempts.*HTTP 503"):
+        _fetch(server, tmp_path / "file.bin", retries=retries)
+    assert len(server.requests) == retries + 1
+
+
+def test_negative_retries_are_refused_before_any_request(server, tmp_path):
+    with pytest.raises(ValueError, match="retries"):
+        _fetch(server, tmp_path / "file.bin", retries=-1)
+    assert server.requests == []
+
+
+def test_hanging_server_times_out_a_bounded_number_of_times(server, tmp_path):
+    server.stall = 1.0
+    with pytest.raises(DownloadError, match="after 2 attempts") as info:
+        _fetch(server, tmp_path / "file.bin", retries=1, timeout=0.2)
+    assert len(server.requests) == 2
+    assert "timed out" in str(info.value)
+    assert not (tmp_path / "file.bin").exists()
+
+
+def test_backoff_is_capped(server, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(download.time, "sleep", waits.append)
+    server.statuses = [500] * 50
+    with pytest.raises(DownloadError):
+        fetch(server.url, tmp_path / "file.bin", retries=8, retry_wait=1.0, progress=False)
+    assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+# -- truncated or wrong-size files never reach the final name -----------------------------------
+
+
+def test_body_without_content_length_is_resumed_to_the_expected_size(server, tmp_path):
+    server.send_length = False
+    server.cuts = [100_000]
+    dest = _fetch(server, tmp_path / "file.bin", expected_size=len(DATA), retries=1)
+    assert dest.read_bytes() == DATA
+    assert [r["range"] for r in server.requests] == [None, "bytes=100000-"]
+
+
+def test_cut_body_without_content_length_fails_its_hash_and_is_deleted(server, tmp_path):
+    server.send_length = False
+    server.cuts = [100_000]
+    with pytest.raises(DownloadError, match="sha256 is") as info:
+        _fetch(server, tmp_path / "file.bin", sha256=SHA, retries=0)
+    assert info.value.partial is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_partial_longer_than_the_file_is_not_renamed_into_place(server, tmp_path):
+    # Nothing to check it against but the server's answer: 416 with the true size.
+    (tmp_path / "file.bin.partial").write_bytes(DATA + b"junk")
+    dest = _fetch(server, tmp_path / "file.bin", retries=1)
+    assert dest.read_bytes() == DATA
+    assert [r["range"] for r in server.requests] == [f"bytes={len(DATA) + 4}-", None]
+
+
+def test_wrong_size_from_the_server_is_refused_without_retrying(server, tmp_path):
+    with pytest.raises(DownloadError, match=f"server's file is {len(DATA)} bytes, expected 10"):
+        _fetch(server, tmp_path / "file.bin", expected_size=10, retries=3)
+    assert len(server.requests) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_file(tmp_path):
+    path = tmp_path / "base.pt"
+    with pytest.raises(DownloadError, match=r"base\.pt is missing"):
+        download.check_file(path)
+    path.write_bytes(DATA[:1000])
+    with pytest.raises(DownloadError, match=rf"base\.pt: its size is 1000 bytes, expected {len(DATA)}"):
+        download.check_file(path, expected_size=len(DATA))
+    with pytest.raises(DownloadError, match=r"sha256 is"):
+        download.check_file(path, expected_size=1000, sha256=SHA)
+    path.write_bytes(DATA)
+    assert download.check_file(path, len(DATA), SHA) == path

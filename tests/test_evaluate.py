@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from glide_jax import shapes
+from demo import shapes
 from sample import evaluate
 
 

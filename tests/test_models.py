@@ -298,12 +298,13 @@ def test_norm_groups_sets_every_group_norm_and_lets_blocks_see_the_overall_colou
 
 
 def test_text_layout_lets_the_caption_condition_places_differently():
-    from glide_jax.unet import ResBlock, TextLayout
+    from glide_jax.conditioning import TextLayout, TextLayoutOptions
+    from glide_jax.unet import ResBlock
 
     rng = np.random.default_rng(0)
     text, other_text = rng.normal(size=(2, 2, 5, 16)).astype(np.float32)
     emb = rng.normal(size=(2, 32)).astype(np.float32)
-    layout = TextLayout(size=4, heads=4)
+    layout = TextLayout(TextLayoutOptions(size=4, heads=4))
     layout_params = layout.init(jax.random.key(0), text, emb)["params"]
     assert layout_params["queries"].shape == (16, 16)
     maps = np.asarray(layout.apply({"params": layout_params}, text, emb))
@@ -333,67 +334,43 @@ def test_text_layout_lets_the_caption_condition_places_differently():
     config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
                          num_head_channels=8, text_ctx=5, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20,
                          dropout=0.0, norm_groups=4)
-    with_layout = ModelConfig(**{**config.to_dict(), "text_layout_size": 4})
+    with_layout = ModelConfig(**{**config.to_dict(), "conditioning": {"kind": "text_layout", "size": 4}})
     shapes = param_shapes(with_layout)["unet"]
     assert shapes["text_layout"]["queries"].shape == (16, 16)
     res_blocks = {name for name, layer in shapes.items() if "in_conv" in layer}
     assert {name for name, layer in shapes.items() if "layout_proj" in layer} == res_blocks and len(res_blocks) == 10
     assert not any("layout_proj" in layer or name == "text_layout" for name, layer in param_shapes(config)["unet"].items())
-    with pytest.raises(ConfigError, match="text_layout_size needs a text transformer"):
-        ModelConfig(**{**config.to_dict(), "xf_width": 0, "text_layout_size": 4})
-    with pytest.raises(ConfigError, match="text_layout_heads 3 must be positive and divide xf_width 16"):
-        ModelConfig(**{**config.to_dict(), "text_layout_size": 4, "text_layout_heads": 3})
+    with pytest.raises(ConfigError, match="conditioning text_layout needs a text transformer"):
+        ModelConfig(**{**config.to_dict(), "xf_width": 0, "conditioning": {"kind": "text_layout", "size": 4}})
+    with pytest.raises(ConfigError, match="text_layout: heads 3 must be positive and divide xf_width 16"):
+        ModelConfig(**{**config.to_dict(), "conditioning": {"kind": "text_layout", "size": 4, "heads": 3}})
+    with pytest.raises(ConfigError, match="conditioning kind 'grid' is not registered; registered kinds: .*'text_layout'"):
+        ModelConfig(**{**config.to_dict(), "conditioning": {"kind": "grid"}})
+    with pytest.raises(ConfigError, match="unknown conditioning option\\(s\\) \\['sizes'\\] for kind 'text_layout'"):
+        ModelConfig(**{**config.to_dict(), "conditioning": {"kind": "text_layout", "sizes": 4}})
+    # The config round-trips through its JSON form, and stays hashable (it is a Flax module field).
+    assert ModelConfig.from_dict(with_layout.to_dict()) == with_layout and hash(with_layout)
+    assert with_layout.to_dict()["conditioning"] == {"kind": "text_layout", "size": 4, "heads": 4}
 
 
-def test_text_layout_of_words_gives_each_word_the_same_value_in_any_caption():
-    from glide_jax.unet import TextLayout
-
-    config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-                         num_head_channels=8, text_ctx=6, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20,
-                         dropout=0.0, norm_groups=4, text_layout_size=4)
-    words_config = ModelConfig(**{**config.to_dict(), "text_layout_values": "words"})
-    # The same parameters serve both, so a trained model can be switched and fine-tuned.
-    assert jax.tree.map(np.shape, param_shapes(config)) == jax.tree.map(np.shape, param_shapes(words_config))
-    params = randomized(param_shapes(words_config))
-    # A text transformer whose outputs depend on position and context as much as on the word.
-    params["text_encoder"] = jax.tree.map(lambda p: 10 * p, params["text_encoder"])
-    tokens = np.array([[3, 7, 9, 4, 0, 0], [9, 3, 4, 7, 0, 0]], np.int32)   # the same words, reordered
-    mask = np.array([[1, 1, 1, 1, 0, 0]] * 2, bool)
-    text = GlideUNet(words_config).apply({"params": params}, tokens, mask, method=GlideUNet.encode_text)
-    assert "xf_words" not in GlideUNet(config).apply({"params": params}, tokens, mask, method=GlideUNet.encode_text)
-    encoder = params["text_encoder"]
-    expected = np.where(mask[..., None], np.asarray(encoder["token_embedding"]["embedding"])[tokens],
-                        np.asarray(encoder["padding_embedding"])[None])
-    np.testing.assert_array_equal(text["xf_words"], expected)
-
-    # With the keys zeroed every place attends to all positions alike, so what it receives is the mean
-    # of the positions' values: the same for both orders when the values are the words themselves,
-    # not when they are the transformer's outputs (which know position and context).
-    layout_params = dict(params["unet"]["text_layout"])
-    kernel = np.asarray(layout_params["kv"]["kernel"]).reshape(16, 4, 2, 4).copy()
-    kernel[:, :, 0] = 0.0
-    layout_params["kv"] = {**layout_params["kv"], "kernel": kernel.reshape(16, 32)}
-    layout = TextLayout(size=4, heads=4)
-    emb = np.zeros((2, config.time_embed_dim), np.float32)
-    of_words = np.asarray(layout.apply({"params": layout_params}, text["xf_out"], emb, text["xf_words"]))
-    of_features = np.asarray(layout.apply({"params": layout_params}, text["xf_out"], emb))
-    np.testing.assert_allclose(of_words[0], of_words[1], atol=1e-6)
-    assert np.abs(of_features[0] - of_features[1]).max() > 1e-3
-    # Where to look still comes from the outputs: with keys, reordering moves what each place receives.
-    sharp = {**params["unet"]["text_layout"], "queries": 10 * params["unet"]["text_layout"]["queries"]}
-    mixed = np.asarray(layout.apply({"params": sharp}, text["xf_out"], emb, text["xf_words"]))
-    assert np.abs(mixed[0] - mixed[1]).max() > 1e-3
-
-    noise = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype(np.float32)
-    timesteps = np.array([500, 500])
-    by_words = GlideUNet(words_config).apply({"params": params}, noise, timesteps, tokens, mask)
-    by_features = GlideUNet(config).apply({"params": params}, noise, timesteps, tokens, mask)
-    assert np.abs(np.asarray(by_words) - np.asarray(by_features)).max() > 1e-3
-    with pytest.raises(ConfigError, match="text_layout_values must be one of \\['features', 'words'\\], got 'tokens'"):
-        ModelConfig(**{**config.to_dict(), "text_layout_values": "tokens"})
+def test_configs_with_removed_model_keys_migrate_or_name_the_replacement():
+    base = dict(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                num_head_channels=8, text_ctx=5, xf_width=16, xf_layers=1, xf_heads=2, n_vocab=20, norm_groups=4)
+    old = {**base, "attention_position_embedding": False, "text_layout_size": 4, "text_layout_heads": 2,
+           "text_layout_values": "features"}
+    with pytest.warns(FutureWarning, match="old.json: model config key\\(s\\) attention_position_embedding, "
+                      "text_layout_heads, text_layout_size, text_layout_values are deprecated; read as conditioning"):
+        migrated = ModelConfig.from_dict(old, source="old.json")
+    assert migrated == ModelConfig(**base, conditioning={"kind": "text_layout", "size": 4, "heads": 2})
+    with pytest.warns(FutureWarning, match="read as nothing"):
+        assert ModelConfig.from_dict({**base, "text_layout_size": 0}).conditioning is None
+    with pytest.raises(ConfigError, match="old.json: attention_position_embedding was removed; replaced by nothing"):
+        ModelConfig.from_dict({**base, "attention_position_embedding": True}, source="old.json")
+    with pytest.raises(ConfigError, match="text_layout_values 'words' was removed"):
+        ModelConfig.from_dict({**base, "text_layout_size": 4, "text_layout_values": "words"})
 
 
-def test_attention_position_embedding_lets_attention_tell_places_apart():
+def test_attention_is_the_same_map_at_every_place():
     from glide_jax.unet import AttentionBlock
 
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
@@ -401,26 +378,19 @@ def test_attention_position_embedding_lets_attention_tell_places_apart():
     mirrored = x[:, :, ::-1]
     plain = AttentionBlock(heads=2, norm_groups=2)
     params = randomized(plain.init(jax.random.key(0), x, text)["params"])
-    # Without positions, attention is the same map at every place: mirror the input, and the
-    # output is mirrored too, so "left of" and "right of" cannot be told apart by it.
+    # GLIDE's attention has no position embedding: mirror the input, and the output is mirrored
+    # too, so "left of" and "right of" cannot be told apart by it.
     np.testing.assert_allclose(np.asarray(plain.apply({"params": params}, mirrored, text)),
                                np.asarray(plain.apply({"params": params}, x, text))[:, :, ::-1], atol=1e-5)
 
-    placed = AttentionBlock(heads=2, norm_groups=2, position_embedding=True)
-    fresh = placed.init(jax.random.key(0), x, text)["params"]
-    assert fresh["position_embedding"].shape == (16, 8)
-    np.testing.assert_array_equal(fresh["position_embedding"], 0.0)   # starts as the plain block
-    np.testing.assert_array_equal(placed.apply({"params": {**params, "position_embedding": fresh["position_embedding"]}}, x, text),
-                                  plain.apply({"params": params}, x, text))
-    trained = {**params, "position_embedding": np.random.default_rng(2).normal(size=(16, 8)).astype(np.float32)}
-    out = np.asarray(placed.apply({"params": trained}, x, text))
-    assert np.abs(np.asarray(placed.apply({"params": trained}, mirrored, text)) - out[:, :, ::-1]).max() > 1e-3
 
-    # The U-Net gives one to each attention layer when the config asks, and none otherwise.
-    config = ModelConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-                         num_head_channels=8, xf_width=0, dropout=0.0, norm_groups=4)
-    with_positions = ModelConfig(**{**config.to_dict(), "attention_position_embedding": True})
-    shapes = param_shapes(with_positions)["unet"]
-    assert {name: layer["position_embedding"].shape for name, layer in shapes.items() if "position_embedding" in layer} == {
-        "input_blocks_3_1": (16, 32), "middle_block_1": (16, 32), "output_blocks_0_1": (16, 32), "output_blocks_1_1": (16, 32)}
-    assert not any("position_embedding" in layer for layer in param_shapes(config)["unet"].values())
+def test_bundled_demo_base_gives_the_recorded_output():
+    """The bundled base (with its text-layout extension) against its output recorded before the
+    model options were reorganised: refactoring the U-Net must not change what it computes."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    fixture = np.load(root / "tests" / "data" / "demo_base_output.npz")
+    config, params = load_model(root / "demo" / "base", dtype=np.float32)
+    model = GlideUNet(ModelConfig.from_dict(config))
+    out = model.apply({"params": params}, fixture["x"], fixture["t"], fixture["tokens"], fixture["mask"])
+    np.testing.assert_allclose(np.asarray(out), fixture["out"], rtol=0, atol=1e-5)

@@ -54,6 +54,40 @@ def test_initialize_distributed_single_process_is_a_no_op(monkeypatch):
     assert parallel.initialize_distributed() is False
 
 
+CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                     "TPU_WORKER_HOSTNAMES", "JOB_COMPLETION_INDEX", "NUM_PROCESSES")
+
+
+@pytest.mark.parametrize("variables, launcher", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "Slurm"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}, "a Cloud TPU slice"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),          # one task: nothing to join
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),              # a single-host TPU VM
+    ({}, None),
+])
+def test_a_launchers_topology_is_left_to_jax(monkeypatch, variables, launcher):
+    """Under a launcher JAX knows, `jax.distributed.initialize()` runs without arguments (JAX reads
+    the coordinator and process id itself); the GLIDE_* variables still win where they are set."""
+    for name in CLUSTER_VARIABLES + ("GLIDE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "GLIDE_NUM_PROCESSES",
+                                     "JAX_NUM_PROCESSES", "GLIDE_PROCESS_ID", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(parallel.jax.config, "update", lambda *args: None)
+    assert parallel.detected_cluster() == launcher
+    assert parallel.initialize_distributed() is (launcher is not None)
+    assert calls == ([{}] if launcher else [])
+    if launcher:
+        monkeypatch.setenv("GLIDE_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+        monkeypatch.setenv("GLIDE_NUM_PROCESSES", "2")
+        monkeypatch.setenv("GLIDE_PROCESS_ID", "1")
+        assert parallel.initialize_distributed() is True
+        assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+
+
 def test_initialize_distributed_names_the_missing_variable(monkeypatch):
     monkeypatch.setenv("GLIDE_NUM_PROCESSES", "2")
     monkeypatch.delenv("GLIDE_COORDINATOR_ADDRESS", raising=False)

@@ -81,6 +81,20 @@ def test_dpm_solver_through_the_pipeline(pipe, first):
     assert set(pipe.samplers) >= {"ddpm", "ddim", "dpm++2m", "dpm++2s"}
 
 
+def test_img2img_starts_from_the_given_image(pipe, first):
+    image = first.arrays[0]
+    close = pipe("a blue square on a black background", init_image=image, strength=0.3, seed=5, **FAST)
+    far = pipe("a blue square on a black background", init_image=image, strength=1.0, seed=5, **FAST)
+    near_error = np.abs(close.arrays[0].astype(int) - image).mean()
+    far_error = np.abs(far.arrays[0].astype(int) - image).mean()
+    assert near_error < far_error / 2, (near_error, far_error)   # a light noising keeps the image's layout
+    assert close.settings["strength"] == 0.3 and close.metadata(0)["strength"] == "0.3"
+    with pytest.raises(PipelineError, match=r"strength must be a number in \(0, 1\]"):
+        pipe("x", init_image=image, strength=0.0, **FAST)
+    with pytest.raises(PipelineError, match="strength applies to init_image"):
+        pipe("x", strength=0.5, **FAST)
+
+
 def test_no_guidance_at_scale_one_and_no_upsampling(pipe):
     out = pipe(PROMPTS[:1], guidance_scale=1.0, upsample=False, **FAST)
     assert out.arrays.shape == (1, 32, 32, 3) and out.base_arrays is None

@@ -4,8 +4,11 @@ import collections
 import io
 import json
 import pickle
+import pickletools
+import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -117,13 +120,18 @@ def test_every_golden_checkpoint_loads(golden):
 
 
 def test_base_checkpoint_shapes_follow_its_config(golden):
+    from glide_jax.config import ModelConfig
+    from glide_jax.convert import expected_state_dict
+    from glide_jax.unet import param_shapes
+
     config = json.loads((golden / "base.config.json").read_text())
     state = load_state_dict(golden / "base.pt")
-    assert len(state) == 315
+    # Every key the config's network has, none lost or invented by the reader.
+    assert set(state) == set(expected_state_dict(param_shapes(ModelConfig.from_dict(config))))
     assert {v.dtype for v in state.values()} == {np.dtype(np.float32)}
     width, ch = config["xf_width"], config["num_channels"]
     assert state["positional_embedding"].shape == (config["text_ctx"], width)
-    assert state["token_embedding.weight"].shape == (50257, width)
+    assert state["token_embedding.weight"].shape == (ModelConfig().n_vocab, width)
     assert state["input_blocks.0.0.weight"].shape == (ch, 3, 3, 3)
     assert state["out.2.weight"].shape == (6, ch, 3, 3)
     assert state["time_embed.0.weight"].shape == (4 * ch, ch)
@@ -260,6 +268,23 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, module, name, make_ar
     assert not marker.exists()
 
 
+class _TensorWithState(_Tensor):
+    """A tensor whose pickle ends with BUILD, trying to swap the rebuilt tensor's storage."""
+
+    def __reduce__(self):
+        return super().__reduce__() + ({"storage": "not a storage", "offset": -5},)
+
+
+def test_build_opcode_cannot_rewrite_a_tensor(tmp_path):
+    s = _Storage("0", "FloatStorage", np.zeros(2, np.float32))
+    path = write_pt(tmp_path / "built.pt", {"w": _TensorWithState(s, 0, (2,), (1,))}, [s])
+    with zipfile.ZipFile(path) as zf:
+        ops = [op.name for op, _, _ in pickletools.genops(zf.read("archive/data.pkl"))]
+    assert "BUILD" in ops
+    with pytest.raises(PtFormatError, match=r"built\.pt: cannot unpickle data\.pkl"):
+        load_state_dict(path)
+
+
 def test_truncated_golden_checkpoint(golden, tmp_path):
     data = (golden / "base.pt").read_bytes()
     for fraction in (0.5, 0.999):
@@ -327,10 +352,111 @@ def test_view_outside_its_storage_is_refused(tmp_path):
         load_state_dict(path)
 
 
-def test_legacy_format_is_refused_with_advice(tmp_path):
+def test_legacy_file_cut_after_its_header(tmp_path):
     path = tmp_path / "old.pt"
     with open(path, "wb") as f:
         pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
         pickle.dump(1001, f, protocol=2)
-    with pytest.raises(PtFormatError, match=r"old\.pt.*legacy.*re-save"):
+    with pytest.raises(PtFormatError, match=r"old\.pt.*legacy format's sys_info.*truncated"):
         load_state_dict(path)
+
+
+# -- files torch 2.13 wrote (tests/data/make_torch_fixtures.py), in both of its formats ----------
+
+TORCH_DATA = Path(__file__).resolve().parent / "data" / "torch"
+FORMATS = ["zip", "legacy"]
+
+
+def _flatten(tree, prefix=""):
+    """The fixture script's flattening: tensor paths like "model/encoder/w" -> arrays."""
+    out = {}
+    if isinstance(tree, np.ndarray):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            out.update(_flatten(value, f"{prefix}/{i}" if prefix else str(i)))
+    return out
+
+
+def _assert_matches_expected(loaded: dict, expected_npz):
+    with np.load(expected_npz) as expected:
+        assert list(loaded) == list(expected.files)  # same entries, in the file's order
+        for key in expected.files:
+            want, got = expected[key], loaded[key]
+            if got.dtype == ml_dtypes.bfloat16:  # npz has no bfloat16: the script stored bits
+                got = got.view(np.int16)
+            assert got.dtype == want.dtype and got.shape == want.shape, key
+            np.testing.assert_array_equal(got, want, err_msg=key)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_torch_written_state_dict(fmt):
+    path = TORCH_DATA / f"state.{fmt}.pt"
+    assert (path.read_bytes()[:2] == b"PK") == (fmt == "zip")  # the fixture is the format named
+    state = load_state_dict(path)
+    _assert_matches_expected(state, TORCH_DATA / "expected_state.npz")
+    assert state["grid_strided"].shape == (4, 3) and state["grid_rows"].shape == (2, 6)
+    assert state["empty"].shape == (0, 3) and state["scalar"].shape == ()
+    assert state["bf16"].dtype == ml_dtypes.bfloat16 and state["i64"].dtype == np.int64
+    # Views sharing one storage come back as independent arrays.
+    state["grid"][0, 0] = -1.0
+    assert state["grid_transposed"][0, 0] == 0.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_torch_written_nested_tree(fmt):
+    tree = load_pickle_tree(TORCH_DATA / f"nested.{fmt}.pt")
+    assert isinstance(tree["model"]["encoder"], collections.OrderedDict)
+    assert tree["step"] == 1234 and tree["lr"] == 2.5e-4 and tree["ema"][1][1] == "tag"
+    assert tree["ema"][0] is tree["model"]["encoder"]["w"]  # one tensor saved twice stays one
+    _assert_matches_expected(_flatten(tree), TORCH_DATA / "expected_nested.npz")
+
+
+def test_both_formats_read_the_same():
+    for stem in ("state", "nested"):
+        a = _flatten(load_pickle_tree(TORCH_DATA / f"{stem}.zip.pt"))
+        b = _flatten(load_pickle_tree(TORCH_DATA / f"{stem}.legacy.pt"))
+        assert list(a) == list(b)
+        for key in a:
+            assert a[key].dtype == b[key].dtype, key
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+HOSTILE = [
+    ("system.zip.pt", UnsafePickleError, r"(posix|os)\.system.*nothing was executed"),
+    ("system.legacy.pt", UnsafePickleError, r"(posix|os)\.system.*nothing was executed"),
+    ("exec.zip.pt", UnsafePickleError, r"(__builtin__|builtins)\.exec.*nothing was executed"),
+    ("exec.legacy.pt", UnsafePickleError, r"(__builtin__|builtins)\.exec.*nothing was executed"),
+    ("eval.zip.pt", UnsafePickleError, r"(__builtin__|builtins)\.eval.*nothing was executed"),
+    ("eval.legacy.pt", UnsafePickleError, r"(__builtin__|builtins)\.eval.*nothing was executed"),
+    ("module_pid.legacy.pt", UnsafePickleError, r"torch\.nn\.modules\.linear\.Linear"),
+    ("offset_past_end.zip.pt", PtFormatError, r"offset 200.*reaches element 203.*has 6"),
+    ("offset_past_end.legacy.pt", PtFormatError, r"offset 200.*reaches element 203.*has 6"),
+    ("numel_past_end.zip.pt", PtFormatError, r"data/0 has 24 bytes, the pickle needs 240"),
+    ("numel_past_end.legacy.pt", PtFormatError, r"record holds 6 elements, the pickle says 60"),
+    ("truncated_half.zip.pt", PtFormatError, r"truncated or corrupted"),
+    ("truncated_half.legacy.pt", PtFormatError, r"cannot unpickle.*truncated"),
+    ("truncated_tail.zip.pt", PtFormatError, r"truncated or corrupted"),
+    ("truncated_tail.legacy.pt", PtFormatError, r"truncated: storage \d+ needs bytes 352 to 376, the "
+                                                r"file has 369"),
+    ("missing_record.zip.pt", PtFormatError, r"record one\.zip/data/0 is missing"),
+    ("empty.pt", PtFormatError, r"empty \(0 bytes\)"),
+]
+
+
+def test_every_hostile_fixture_has_a_case():
+    assert sorted(p.name for p in (TORCH_DATA / "hostile").iterdir()) == sorted(n for n, _, _ in HOSTILE)
+
+
+@pytest.mark.parametrize("name,error,message", HOSTILE, ids=[n for n, _, _ in HOSTILE])
+def test_hostile_torch_file_is_refused(tmp_path, monkeypatch, name, error, message):
+    # The payloads would create pwned_<kind> in the working directory.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=rf"{re.escape(name)}: .*{message}"):
+        load_pickle_tree(TORCH_DATA / "hostile" / name)
+    with pytest.raises(error, match=re.escape(name)):
+        load_state_dict(TORCH_DATA / "hostile" / name)
+    assert list(tmp_path.iterdir()) == []

@@ -130,7 +130,7 @@ def test_text_encoder_is_traced_outside_the_loop(golden, load, monkeypatch):
 
     def capture(spec, args, mesh, timing):
         captured["jaxpr"] = jax.make_jaxpr(lambda *a: stages._program(spec, *a))(*args)
-        return jnp.zeros((args[1]["index"].shape[0], 64, 64, 3))
+        return jnp.zeros((args[1]["index"].shape[0], config.image_size, config.image_size, 3))
 
     monkeypatch.setattr(stages, "_run_program", capture)
     tokens = np.full((1, config.text_ctx), 5, np.int32)
@@ -147,7 +147,7 @@ def test_text_encoder_is_traced_outside_the_loop(golden, load, monkeypatch):
 
     def per_step_encoder(p, tok, mask):
         fn = lambda x, t: model.apply({"params": p}, x, t, tok, mask)  # noqa: E731
-        return ddim_sample(fn, d, (1, 64, 64, 3), jax.random.key(0))
+        return ddim_sample(fn, d, (1, config.image_size, config.image_size, 3), jax.random.key(0))
 
     bad = jax.make_jaxpr(per_step_encoder)(params, tokens, np.ones_like(tokens, bool))
     assert _uses(_scan_bodies_and_outside(bad)[0], embedding_shape)
@@ -216,26 +216,29 @@ def test_eight_devices_give_the_one_device_images(tmp_path):
 # -- bad input -------------------------------------------------------------------------------------
 
 
+# Each change is built from the golden base config, so any golden set made the same way passes.
 @pytest.mark.parametrize("change, message", [
-    (dict(sampler="plms"), "sampler must be one of"),
-    (dict(dtype="float16"), "dtype must be one of"),
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number"),
-    (dict(tokens=np.zeros((2, 7), np.int32)), "tokens and mask must both be"),
-    (dict(tokens=np.full((2, 16), 60000, np.int32)), "token ids must lie in"),
-    (dict(noise=np.zeros((2, 32, 32, 3))), "noise must be"),
-    (dict(inpaint_image=np.zeros((2, 64, 64, 3))), "needs both inpaint_image and inpaint_mask"),
-    (dict(first_index=-1), "first_index must be"),
-])
+    (lambda c: dict(sampler="plms"), "sampler must be one of"),
+    (lambda c: dict(dtype="float16"), "dtype must be one of"),
+    (lambda c: dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (lambda c: dict(guidance_scale=-1.0), "guidance_scale must be a finite number"),
+    (lambda c: dict(tokens=np.zeros((2, c.text_ctx - 1), np.int32)), "tokens and mask must both be"),
+    (lambda c: dict(tokens=np.full((2, c.text_ctx), c.n_vocab, np.int32)), "token ids must lie in"),
+    (lambda c: dict(noise=np.zeros((2, c.image_size // 2, c.image_size // 2, 3))), "noise must be"),
+    (lambda c: dict(inpaint_image=np.zeros((2, c.image_size, c.image_size, 3))),
+     "needs both inpaint_image and inpaint_mask"),
+    (lambda c: dict(first_index=-1), "first_index must be"),
+], ids=["sampler", "dtype", "nan_scale", "negative_scale", "short_tokens", "token_range", "noise_shape",
+        "inpaint_alone", "first_index"])
 def test_bad_inputs_are_rejected(golden, change, message):
     config = ModelConfig.from_json(golden / "base.config.json")
-    args = dict(tokens=np.zeros((2, 16), np.int32), mask=np.ones((2, 16), bool), guidance_scale=3.0,
-                sampler="ddim", dtype="float32")
-    args.update(change)
+    args = dict(tokens=np.zeros((2, config.text_ctx), np.int32), mask=np.ones((2, config.text_ctx), bool),
+                guidance_scale=3.0, sampler="ddim", dtype="float32")
+    args.update(change(config))
     tokens, mask = args.pop("tokens"), args.pop("mask")
     with pytest.raises(stages.PipelineError, match=message):
         stages.sample_base(config, {}, tokens, mask, jax.random.key(0),
-                             diffusion=GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4"), **args)
+                           diffusion=GaussianDiffusion.create("squaredcos_cap_v2", 1000, "4"), **args)
 
 
 def test_clip_guided_matches_reference_trace(golden, load):

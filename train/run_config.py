@@ -14,6 +14,7 @@ the checkpoint's own config is used.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import types
 import typing
@@ -40,6 +41,9 @@ class TokenizerSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     source: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
+    # Modules imported before the source is made, which register more source kinds
+    # (glide_jax.data.register_source); "demo" registers the procedural "shapes". [] imports none.
+    plugins: list = dataclasses.field(default_factory=lambda: ["demo"])
     seed: int = -1                # -1: the run's seed
     shuffle_buffer: int = 1000
     prefetch: int = 2
@@ -100,7 +104,7 @@ class RunConfig:
     min_snr_gamma: float = 0.0    # > 0: Min-SNR weighting of the eps (or v) loss (see training.diffusion_task)
     high_noise_fraction: float = 0.0   # share of examples whose timestep is drawn from the noisiest part
     high_noise_from: float = 0.95      # ... which starts at this fraction of the chain
-    negative_weight: float = 0.0  # > 0: hard-negative captions (training.diffusion_task, clip_task); shapes data only
+    negative_weight: float = 0.0  # > 0: hard-negative captions (training.negative_term, clip_task); needs a source with negative_caption
     negative_from: float = 0.7    # ... compared at timesteps from this fraction of the chain on (not for clip)
     ema_rate: float = 0.9999
     ema_debias: bool = True       # average only this run's params (see training.make_train_step)
@@ -215,6 +219,17 @@ def _build(cls, values: Any, prefix: str):
         else:
             kwargs[name] = _check_type(value, annotation, key)
     return cls(**kwargs)
+
+
+def import_plugins(modules: list) -> None:
+    """Imports each module of `data.plugins`; one that cannot be imported is a ConfigError naming it."""
+    for name in modules:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"data.plugins entries must be module names, got {name!r}")
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"data.plugins: cannot import {name!r} ({err})") from None
 
 
 def parse_value(text: str) -> Any:

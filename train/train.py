@@ -265,7 +265,10 @@ class Trainer:
         from glide_jax import data, masks
         from glide_jax.config import ConfigError
 
+        from train.run_config import import_plugins
+
         section = self.cfg.data
+        import_plugins(section.plugins)
         try:
             source = data.make_source(dict(section.source))
             degradation = data.Degradation(**_tuples(section.degradation))
@@ -476,4 +479,6 @@ def _gather_json(value: Any) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glide_jax.errors import run_cli
+
+    sys.exit(run_cli(main, "train.train"))

@@ -194,48 +194,6 @@ def swapped(scene: Scene, attribute: str) -> Scene | None:
                                               dataclasses.replace(second, **{attribute: getattr(first, attribute)})))
 
 
-def changed(scene: Scene, which: int, attribute: str,
-            allowed: tuple[tuple[str, str], ...] = ALL_COMBINATIONS) -> list[Scene]:
-    """The scene with shape `which`'s `attribute` ("colour" or "kind") replaced by each other value,
-    in the order `allowed` names them, that leaves it an `allowed` colour-shape pair and, for a
-    colour, differs from every other shape's colour and from the background. Their captions are
-    near misses of the scene's own that name one wrong word (where `swapped` names only right ones)."""
-    if attribute not in ("colour", "kind"):
-        raise ValueError(f"attribute must be 'colour' or 'kind', got {attribute!r}")
-    if not 0 <= which < len(scene.shapes):
-        raise ValueError(f"shape {which} of a scene with {len(scene.shapes)}")
-    shape = scene.shapes[which]
-    if attribute == "colour":
-        taken = {s.colour for s in scene.shapes} | {scene.background}
-        values = [c for c in dict.fromkeys(c for c, _ in allowed)
-                  if c not in taken and (c, shape.kind) in allowed]
-    else:
-        values = [k for k in dict.fromkeys(k for _, k in allowed)
-                  if k != shape.kind and (shape.colour, k) in allowed]
-    out = []
-    for value in values:
-        shapes = list(scene.shapes)
-        shapes[which] = dataclasses.replace(shape, **{attribute: value})
-        out.append(dataclasses.replace(scene, shapes=tuple(shapes)))
-    return out
-
-
-def copied(scene: Scene, which: int) -> Scene | None:
-    """The two-shape scene with shape `which` in the other shape's colour, or None when that changes
-    nothing (one shape, or two of one colour). Its caption names the mistake a model makes when one
-    object's colour spills onto the other."""
-    if len(scene.shapes) != 2:
-        return None
-    if which not in (0, 1):
-        raise ValueError(f"shape {which} of a scene with 2")
-    shape, other = scene.shapes[which], scene.shapes[1 - which]
-    if shape.colour == other.colour:
-        return None
-    shapes = list(scene.shapes)
-    shapes[which] = dataclasses.replace(shape, colour=other.colour)
-    return dataclasses.replace(scene, shapes=tuple(shapes))
-
-
 def other_relations(spec: SceneSpec) -> list[SceneSpec]:
     """The two-object `spec` with each other relation in its place, the inverse first, then the two
     across its axis. Their captions name the right objects and background in the wrong places:
@@ -267,23 +225,9 @@ _REL_PHRASE = {"left of": "to the left of", "right of": "to the right of",
                "above": "above", "below": "below"}
 
 
-# What a partial caption calls an object whose kind it leaves out. No full caption uses the word,
-# so a tokenizer trained on them (the demo's) reads it as its unknown token: a placeholder all the same.
-UNNAMED_KIND = "shape"
-
-
-def captions_for(spec: SceneSpec, leave_out: tuple[int, str] | None = None) -> list[str]:
-    """Every phrasing of a scene specification (all name shapes, colours, background, relation).
-    `leave_out=(i, "colour" | "kind")` phrases object i without that word ("a triangle", "a white
-    shape"): a partial caption, true of the scene but silent on one attribute."""
+def captions_for(spec: SceneSpec) -> list[str]:
+    """Every phrasing of a scene specification (all name shapes, colours, background, relation)."""
     names = [f"{c} {k}" for c, k in spec.objects]
-    if leave_out is not None:
-        which, attribute = leave_out
-        if not 0 <= which < len(names) or attribute not in ("colour", "kind"):
-            raise ValueError(f"leave_out must be (object index, 'colour' or 'kind') for "
-                             f"{len(names)} object(s), got {leave_out!r}")
-        colour, kind = spec.objects[which]
-        names[which] = kind if attribute == "colour" else f"{colour} {UNNAMED_KIND}"
     if len(names) == 1:
         return [t.format(a=names[0], bg=spec.background) for t in _SINGLE_TEMPLATES]
     rel, inv = _REL_PHRASE[spec.relation], _REL_PHRASE[INVERSE_RELATION[spec.relation]]
