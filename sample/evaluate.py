@@ -17,7 +17,9 @@ numbers mean nothing if it cannot read the domain itself. Proportions come with 
 intervals (sound near 0 and 1, where the normal approximation is not); PSNR/SSIM means with a
 normal-approximation interval over images. Each guided condition is also compared with no guidance
 image by image (the same noise, so a paired difference of the all-checks rate, with its interval),
-and CLIP guidance likewise with each classifier-free guidance scale.
+and CLIP guidance likewise with each classifier-free guidance scale. `--compare-sampler dpm++2m
+--compare-steps 10,15,20` also samples CFG `--compare-scale` (3) with that sampler at each step
+count from the same x_T, judged image by image against the default sampler's images.
 
 Writes OUT/results.json, OUT/results.md and the guidance grid (default demo/guidance_grid.png:
 one row per prompt, one column per guidance scale, then CLIP guidance).
@@ -275,6 +277,11 @@ def markdown(results: dict) -> str:
     if against_cfg:
         lines += ["", "All checks, CLIP guidance minus classifier-free guidance, image by image, as above: "
                   + "; ".join(f"{name} minus {other} {_diff(d)}" for name, other, d in against_cfg) + "."]
+    samplers = [(name, entry["vs_default_sampler"]) for name, entry in results["conditions"].items()
+                if "vs_default_sampler" in entry]
+    if samplers:
+        lines += ["", "All checks, another sampler minus the default one at the same scale, image by image, as "
+                      "above: " + "; ".join(f"{name} minus {d['reference']} {_diff(d)}" for name, d in samplers) + "."]
     split = [(name, entry["heldout_by_objects"]) for name, entry in results["conditions"].items()
              if "heldout_by_objects" in entry]
     if split:
@@ -331,6 +338,11 @@ def _parse_args(argv):
     p.add_argument("--upsample-sampler", choices=generate.SAMPLER_CHOICES, default=None, help="default: the CLI's demo default")
     p.add_argument("--upsample-start", type=int, default=None,
                    help="original timestep the upsampler starts from (999: pure noise); default: the CLI's demo default")
+    p.add_argument("--compare-sampler", choices=generate.SAMPLER_CHOICES, default=None,
+                   help="also sample CFG --compare-scale with this sampler at each of --compare-steps, from the "
+                        "same x_T, and report its paired all-checks difference from the default sampler")
+    p.add_argument("--compare-steps", default="20", help="comma list of step counts for --compare-sampler")
+    p.add_argument("--compare-scale", type=float, default=3.0, help="CFG scale of the sampler comparison")
     p.add_argument("--grid", default="demo/guidance_grid.png", help="guidance grid image ('' skips)")
     p.add_argument("--grid-prompts", type=int, default=8)
     p.add_argument("--demo-dir", default=None,
@@ -390,7 +402,7 @@ def evaluate(args, log=print) -> dict:
 
     def run(name, **kw):
         start = time.perf_counter()
-        images = sample_condition(pipe, captions, seeds, respacing=args.respacing, sampler=args.sampler, **kw)
+        images = sample_condition(pipe, captions, seeds, **{"respacing": args.respacing, "sampler": args.sampler, **kw})
         judged = [prompts[i // len(seeds)] for i in range(len(images))]
         judgements = [judge(prompt, img) for prompt, img in zip(judged, images)]
         entry = {"metrics": summarise(judgements), "heldout_by_objects": heldout_by_objects(judged, judgements),
@@ -407,6 +419,20 @@ def evaluate(args, log=print) -> dict:
 
     for scale in scales:
         run(UNGUIDED if scale == 1 else f"CFG {scale:g}", guidance="cfg", scale=scale)
+    if args.compare_sampler:
+        # Judged image by image against the default sampler's images of the same x_T: whether fewer
+        # steps of another sampler keep the default's text alignment.
+        reference = UNGUIDED if args.compare_scale == 1 else f"CFG {args.compare_scale:g}"
+        if reference not in all_checks:
+            run(reference, guidance="cfg", scale=args.compare_scale)
+        for steps in [s for s in args.compare_steps.split(",") if s.strip()]:
+            name = f"{reference} {args.compare_sampler} {steps.strip()} steps"
+            run(name, guidance="cfg", scale=args.compare_scale, sampler=args.compare_sampler, respacing=steps.strip())
+            entry = results["conditions"][name]
+            entry["vs_default_sampler"] = {"reference": reference,
+                                           **paired_difference(all_checks[name], all_checks[reference])}
+            log(f"{name} minus {reference} ({args.respacing} {args.sampler} steps): "
+                f"{_diff(entry['vs_default_sampler'])}")
     clip_scale = args.clip_scale
     if clip_scale > 0:
         clip_name = f"CLIP guidance {clip_scale:g}"

@@ -166,3 +166,21 @@ def test_a_missing_demo_dir_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"no 'base' weights in {tmp_path / 'candidate'}" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_sampler_is_judged_image_by_image_against_the_default(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    args = ["--prompts", "2", "--scales", "3", "--clip-scale", "0", "--inpaint", "0", "--upsample", "0",
+            "--grid", "", "--respacing", "2", "--compare-sampler", "dpm++2m", "--compare-steps", "2,3",
+            "--out", str(out)]
+    assert evaluate.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    for steps in ("2", "3"):
+        entry = results["conditions"][f"CFG 3 dpm++2m {steps} steps"]
+        assert entry["sampler"] == "dpm++2m" and entry["respacing"] == steps
+        paired = entry["vs_default_sampler"]
+        assert paired["reference"] == "CFG 3" and paired["n"] == 2
+        assert paired["won"] + paired["lost"] <= paired["n"]
+    assert "dpm++2m 3 steps minus CFG 3" in (out / "results.md").read_text()
