@@ -372,13 +372,9 @@ def _demo_pipeline(args):
     return pipe
 
 
-def evaluate(args, log=print) -> dict:
-    pipe = _demo_pipeline(args)
-
+def _prompt_set(args) -> list[Prompt]:
     if args.prompts < 1 or args.seeds < 1:
         raise SystemExit("error: --prompts and --seeds must be at least 1")
-    scales = [float(s) for s in args.scales.split(",") if s]
-    seeds = list(range(args.seeds))
     prompts = make_prompts(args.prompts, args.prompt_seed)
     if args.heldout_only:
         # The held-out prompts come first, so each keeps its index and with it its starting noise.
@@ -386,6 +382,15 @@ def evaluate(args, log=print) -> dict:
         if not prompts:
             raise SystemExit(f"error: --prompts {args.prompts} holds no held-out prompt (about a quarter "
                              "of the set is held out); ask for more")
+    return prompts
+
+
+def evaluate(args, log=print) -> dict:
+    pipe = _demo_pipeline(args)
+
+    scales = [float(s) for s in args.scales.split(",") if s]
+    seeds = list(range(args.seeds))
+    prompts = _prompt_set(args)
     captions = [p.caption for p in prompts]
     results = {"prompts": len(prompts), "heldout_only": args.heldout_only, "seeds": args.seeds,
                "prompt_seed": args.prompt_seed,
