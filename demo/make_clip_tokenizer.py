@@ -45,20 +45,19 @@ def vocabulary_captions() -> list[str]:
         for kind in kinds:
             for bg in colours:
                 texts += shapes.captions_for(shapes.SceneSpec(bg, ((colour, kind),)))
-                texts += shapes.captions_for(shapes.SceneSpec(bg, ((colour, kind),)), (0, "kind"))
             for relation in shapes.RELATIONS:
                 spec = shapes.SceneSpec(colours[0], ((colour, kind), (colours[1], kinds[0])), relation)
-                for leave_out in (None, (0, "colour"), (0, "kind"), (1, "colour"), (1, "kind")):
-                    texts += shapes.captions_for(spec, leave_out)
+                texts += shapes.captions_for(spec)
     # The parser's words for colours, kinds and relations (relation patterns: their literal words).
-    texts += list(shapes._COLOUR_WORDS) + list(shapes._KIND_WORDS) + ["background backdrop"]
+    # "shape" stands for any kind in a typed prompt ("a white shape").
+    texts += list(shapes._COLOUR_WORDS) + list(shapes._KIND_WORDS) + ["background backdrop", "shape"]
     for pattern, _ in shapes._RELATION_PATTERNS:
         texts += re.findall(r"[a-z]+", pattern.pattern.replace(r"\b", " "))
     return texts
 
 
 def sampled_captions(count: int = SAMPLED_SCENES, seed: int = 0) -> Iterator[str]:
-    """Every phrasing, partial captions and training negatives of `count` scenes per data stream."""
+    """Every phrasing and training negative of `count` scenes per data stream."""
     streams = [("train", (), ()), ("heldout", (), ()),
                ("train", ("black", "gray"), shapes.EXTRA_KINDS)]
     for split, extra_colours, extra_kinds in streams:
@@ -66,14 +65,6 @@ def sampled_captions(count: int = SAMPLED_SCENES, seed: int = 0) -> Iterator[str
             scene = shapes.scene_at(seed, index, split, extra_colours, extra_kinds)
             yield from scene.captions()
             spec = scene.spec
-            for which in range(len(spec.objects)):
-                for attribute in ("colour", "kind"):
-                    yield from shapes.captions_for(spec, (which, attribute))
-                    for other in shapes.changed(scene, which, attribute):
-                        yield from other.captions()
-                copy = shapes.copied(scene, which)
-                if copy is not None:
-                    yield from copy.captions()
             for attribute in ("colour", "kind"):
                 other = shapes.swapped(scene, attribute)
                 if other is not None:

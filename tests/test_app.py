@@ -196,7 +196,10 @@ def _warning(page, text: str):
     toast = page.locator(".toast-body", has_text=text)
     toast.first.wait_for(timeout=30_000)
     for close in page.locator(".toast-close").all():
-        close.click()
+        try:
+            close.click(timeout=2_000)
+        except Exception:  # noqa: BLE001 -- a toast that closed itself meanwhile is closed enough
+            pass
 
 
 def _wait_for_text(page, selector: str, text: str):
