@@ -214,7 +214,7 @@ class Pipeline:
         return self.model("upsample").config.image_size
 
     def _diffusion(self, config, respacing, start_step: int | None = None):
-        from glide_jax.diffusion import DiffusionConfigError, diffusion_for_model  # noqa: F401
+        from glide_jax.diffusion import DiffusionConfigError, diffusion_for_model
 
         if start_step is not None and start_step >= config.diffusion_steps - 1:
             start_step = None   # the last step: the full chain from pure noise
