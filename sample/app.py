@@ -6,9 +6,8 @@
 
 Two tabs. "Generate": prompt, negative prompt, guidance (classifier-free or CLIP), sampler, steps,
 seed, number of images, upsampling. "Edit": upload an image or take a generated one, paint over
-what should change, give a prompt, inpaint; the history keeps every version (undo goes back
-one). The result is handed back to the editor, but gradio's editor does not yet reliably show it or
-send strokes painted on it, so a second edit from the page does not go through.
+what should change, give a prompt, inpaint, and keep painting on the result; the history keeps
+every version (undo goes back one).
 
 The models load once at start into one `glide_jax.Pipeline`, which keeps its compiled sampling
 programs: a request with the same shapes (number of images, steps, sampler, guidance kind) as an
@@ -26,9 +25,12 @@ import argparse
 import contextvars
 import dataclasses
 import functools
+import hashlib
+import itertools
 import math
 import os
 import sys
+import tempfile
 import time
 import types
 
@@ -250,7 +252,33 @@ class App:
 
 # -- the page ---------------------------------------------------------------------------------------
 
-def editor_value(image: np.ndarray) -> dict:
+class PageImages:
+    """Writes the images the page shows as PNG files, once each, and hands gradio their paths.
+
+    Handed arrays, gradio encodes each into a file named by its content and rewrites that file in
+    place every time the same image is shown again (the result, the history and the editor show
+    one image at once): a browser fetching it meanwhile gets a truncated response. A file written
+    once, under a temporary name then renamed, is never seen half-written; gradio copies paths it
+    is handed the same atomic way and keeps a copy it already has."""
+
+    def __init__(self):
+        # Under the system's temporary directory, which gradio serves from; removed at exit.
+        self._directory = tempfile.TemporaryDirectory(prefix="glide-jax-app-")
+        self.directory = self._directory.name
+
+    def __call__(self, pixels: np.ndarray) -> str:
+        pixels = np.ascontiguousarray(pixels, np.uint8)
+        digest = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:32]
+        path = os.path.join(self.directory, f"{digest}.png")
+        if not os.path.exists(path):
+            fd, partial = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+            with os.fdopen(fd, "wb") as file:
+                Image.fromarray(pixels).save(file, format="PNG")
+            os.replace(partial, path)
+        return path
+
+
+def editor_value(image: str | np.ndarray) -> dict:
     """A fresh editor holding `image` with nothing painted. `layers` must be None: the editor
     clears its strokes then, where an empty list (or an empty layer) leaves later strokes unsent."""
     return {"background": image, "layers": None, "composite": None}
@@ -307,39 +335,13 @@ def _generate_tab(gr, c, limits: Limits, pipe) -> None:
     c.to_editor = gr.Button("Edit the selected image", elem_id="gen-to-editor")
 
 
-def _edit_tab(gr, c, limits: Limits, pipe) -> None:
-    size = pipe.output_size
-    gr.Markdown("Paint over what should change, say what should be there, inpaint.")
-    # The editor has a row to itself: sharing one, it is resized whenever the images beside it
-    # change, and re-sends its canvas each time.
-    c.editor = gr.ImageEditor(
-        label=f"image being edited ({size}x{size})", type="numpy", image_mode="RGBA", format="png",
-        sources=(), transforms=(), layers=False, canvas_size=(size, size),
-        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=max(2, size // 8)),
-        elem_id="edit-editor", height=360)
-    with gr.Row():
-        c.result = gr.Image(label="result", format="png", interactive=False, elem_id="edit-result", height=240)
-        c.mask_used = gr.Image(label="mask used (white kept, black regenerated)", format="png",
-                               interactive=False, elem_id="edit-mask", image_mode="L", height=240)
-    with gr.Row():
-        c.upload = gr.UploadButton("Upload an image", file_types=["image"], elem_id="edit-upload")
-        c.edit_prompt = gr.Textbox(label="prompt for the painted region", value="a blue square",
-                                   elem_id="edit-prompt", scale=3)
-        c.inpaint_go = gr.Button("Inpaint", variant="primary", elem_id="edit-run")
-    c.edit_fields = _sampling_fields(gr, limits, pipe.samplers, "edit")
-    c.edit_status = gr.Markdown(elem_id="edit-status")
-    c.undo = gr.Button("Undo last edit", elem_id="edit-undo")
-    c.history_view = gr.Gallery(label="history (oldest first)", columns=8, height=200, format="png",
-                                elem_id="edit-history", interactive=False)
-
-
 def _wire_generate(gr, app: App, c) -> None:
     @_shown(gr, 4)
     def on_generate(prompt, negative, guidance, scale, clip_scale, sampler, steps, seed, n, upsample,
                     progress=gr.Progress()):
         images, status = app.generate(prompt, negative, guidance, scale, clip_scale, sampler, steps, seed, n,
                                       upsample, report=progress)
-        return images, images, 0, status
+        return [c.files(image) for image in images], images, 0, status
 
     c.go.click(on_generate, [c.prompt, *c.fields, c.num_images, c.upsample],
                [c.gallery, c.generated, c.selected, c.gen_status])
@@ -350,13 +352,23 @@ def _wire_generate(gr, app: App, c) -> None:
     c.gallery.select(on_select, None, c.selected)
 
 
+def _wire_inpaint(gr, app: App, c) -> None:
+    """The inpaint button, bound to the editor of the moment (made anew with each image)."""
+    @_shown(gr, 6)
+    def on_inpaint(value, past, prompt, negative, guidance, scale, clip_scale, sampler, steps, seed,
+                   progress=gr.Progress()):
+        image, keep, status = app.inpaint(value, prompt, negative, guidance, scale, clip_scale, sampler, steps,
+                                          seed, report=progress)
+        past = [*past, image]
+        return (c.edit(image), past, [c.files(p) for p in past], c.files(image), c.files(keep),
+                f"version {len(past)}: {status}")
+
+    c.inpaint_go.click(on_inpaint, [c.editor, c.history, c.edit_prompt, *c.edit_fields],
+                       [c.editing, c.history, c.history_view, c.result, c.mask_used, c.edit_status])
+
+
 def _wire_edit(gr, app: App, c) -> None:
     size = app.pipe.output_size
-
-    def on_load(image):
-        return (gr.skip(), None) if image is None else (editor_value(image), None)
-
-    load = (on_load, c.to_load, [c.editor, c.to_load])
     shown_images = [c.history, c.history_view, c.result, c.mask_used]
 
     @_shown(gr, 6)
@@ -364,55 +376,82 @@ def _wire_edit(gr, app: App, c) -> None:
         if not images:
             raise InputError("generate an image first")
         image = to_size(np.asarray(images[min(index, len(images) - 1)]), size)
-        return image, [image], [image], None, None, gr.Tabs(selected="edit")
+        return c.edit(image), [image], [c.files(image)], None, None, gr.Tabs(selected="edit")
 
-    c.to_editor.click(on_to_editor, [c.generated, c.selected], [c.to_load, *shown_images, c.tabs]).then(*load)
+    c.to_editor.click(on_to_editor, [c.generated, c.selected], [c.editing, *shown_images, c.tabs])
 
     @_shown(gr, 5)
     def on_upload(file):
         image = read_upload(file, size, app.pipe.base_size, app.limits)
-        return image, [image], [image], None, None
+        return c.edit(image), [image], [c.files(image)], None, None
 
-    c.upload.upload(on_upload, c.upload, [c.to_load, *shown_images]).then(*load)
-
-    @_shown(gr, 6)
-    def on_inpaint(value, past, prompt, negative, guidance, scale, clip_scale, sampler, steps, seed,
-                   progress=gr.Progress()):
-        image, keep, status = app.inpaint(value, prompt, negative, guidance, scale, clip_scale, sampler, steps,
-                                          seed, report=progress)
-        past = [*past, image]
-        return image, past, past, image, keep, f"version {len(past)}: {status}"
-
-    c.inpaint_go.click(on_inpaint, [c.editor, c.history, c.edit_prompt, *c.edit_fields],
-                       [c.to_load, *shown_images, c.edit_status]).then(*load)
+    c.upload.upload(on_upload, c.upload, [c.editing, *shown_images])
 
     @_shown(gr, 6)
     def on_undo(past):
         if len(past) < 2:
             raise InputError("nothing to undo")
         past = past[:-1]
-        return past[-1], past, past, past[-1], None, f"back to version {len(past)}"
+        return (c.edit(past[-1]), past, [c.files(p) for p in past], c.files(past[-1]), None,
+                f"back to version {len(past)}")
 
-    c.undo.click(on_undo, c.history, [c.to_load, *shown_images, c.edit_status]).then(*load)
+    c.undo.click(on_undo, c.history, [c.editing, *shown_images, c.edit_status])
+
+
+def _edit_tab(gr, app: App, c) -> None:
+    size = app.pipe.output_size
+    gr.Markdown("Paint over what should change, say what should be there, inpaint.")
+
+    # A new editor for every image put in it. Handed a new background, gradio's editor keeps
+    # showing it but sends the strokes painted on it only every other time (measured: layers
+    # went missing on the 2nd and 4th of five loads); a freshly made editor sends them every
+    # time. An image that is not replaced (a refused request) leaves the editor and its painting.
+    @gr.render(inputs=c.editing)
+    def editor(editing):
+        image = None if editing is None else c.files(editing[1])
+        c.editor = gr.ImageEditor(
+            value=None if image is None else editor_value(image),
+            label=f"image being edited ({size}x{size})", type="numpy", image_mode="RGBA", format="png",
+            sources=(), transforms=(), layers=False, canvas_size=(size, size), interactive=True,
+            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=max(2, size // 8)),
+            elem_id="edit-editor", height=360)
+        _wire_inpaint(gr, app, c)
+
+    with gr.Row():
+        c.result = gr.Image(label="result", format="png", interactive=False, elem_id="edit-result", height=240)
+        c.mask_used = gr.Image(label="mask used (white kept, black regenerated)", format="png",
+                               interactive=False, elem_id="edit-mask", image_mode="L", height=240)
+    with gr.Row():
+        c.upload = gr.UploadButton("Upload an image", file_types=["image"], elem_id="edit-upload")
+        c.edit_prompt = gr.Textbox(label="prompt for the painted region", value="a blue square",
+                                   elem_id="edit-prompt", scale=3)
+        c.inpaint_go = gr.Button("Inpaint", variant="primary", elem_id="edit-run")
+    c.edit_fields = _sampling_fields(gr, app.limits, app.pipe.samplers, "edit")
+    c.edit_status = gr.Markdown(elem_id="edit-status")
+    c.undo = gr.Button("Undo last edit", elem_id="edit-undo")
+    c.history_view = gr.Gallery(label="history (oldest first)", columns=8, height=200, format="png",
+                                elem_id="edit-history", interactive=False)
 
 
 def build(app: App, title: str):
     """The page: a "Generate" and an "Edit" tab around `app`'s handlers."""
     import gradio as gr
 
-    c = types.SimpleNamespace()
+    loads = itertools.count(1)
+    # Numbered, so that putting the same image in the editor again still makes a new editor.
+    c = types.SimpleNamespace(files=PageImages(), edit=lambda image: (next(loads), image))
     with gr.Blocks(title=title) as page:
         gr.Markdown(f"## {title}\nText-to-image and text-guided editing with GLIDE "
                     f"({app.pipe.base_size} px base, {app.pipe.output_size} px upsampled).")
         c.generated, c.selected, c.history = gr.State([]), gr.State(0), gr.State([])
-        # The image a handler wants in the editor, loaded by a step of its own after it; None
-        # leaves the editor alone (the request failed, and the painting stays).
-        c.to_load = gr.State(None)
+        # (number, image) of the image in the editor; a handler that leaves it (a refused
+        # request) leaves the editor and its painting as they were.
+        c.editing = gr.State(None)
         with gr.Tabs() as c.tabs:
             with gr.Tab("Generate", id="generate"):
                 _generate_tab(gr, c, app.limits, app.pipe)
             with gr.Tab("Edit", id="edit"):
-                _edit_tab(gr, c, app.limits, app.pipe)
+                _edit_tab(gr, app, c)
         _wire_generate(gr, app, c)
         _wire_edit(gr, app, c)
     return page

@@ -99,6 +99,18 @@ def test_default_fields_leave_sampler_and_steps_to_the_model():
                            clip_guidance_scale=20.0)
 
 
+def test_page_images_are_written_once_and_whole():
+    files = web.PageImages()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = files(image)
+    first_write = os.stat(path).st_mtime_ns, os.stat(path).st_ino
+    assert files(image.copy()) == path and (os.stat(path).st_mtime_ns, os.stat(path).st_ino) == first_write
+    assert np.array_equal(np.asarray(Image.open(path)), image)
+    mask = np.full((64, 64), 255, np.uint8)
+    assert files(mask) != path and np.array_equal(np.asarray(Image.open(files(mask))), mask)
+    assert sorted(os.listdir(files.directory)) == sorted({os.path.basename(path), os.path.basename(files(mask))})
+
+
 # -- the page, in a browser -------------------------------------------------------------------------
 
 def _needed(what: str, how: str):
@@ -245,7 +257,34 @@ def _inpaint(page, seed: int, version: int) -> tuple[np.ndarray, np.ndarray]:
     return _image(page, "#edit-result"), _image(page, "#edit-mask")[..., 0] > 127
 
 
-def test_generate_paint_inpaint_undo(page, app_url, tmp_path):
+def _wait_for_editor(page):
+    """Waits for the editor made for a new image: its canvas is up and nothing loads in it."""
+    deadline = time.monotonic() + 60
+    editor = page.locator("#edit-editor")
+    while not (editor.locator("canvas").count() and editor.locator(".zoom-number").count()
+               and not any(word in editor.inner_text() for word in ("processing", "queue"))):
+        assert time.monotonic() < deadline, "the editor did not load the image"
+        time.sleep(0.2)
+    time.sleep(0.5)
+
+
+def _edit(page, dy: float, seed: int, version: int, before: np.ndarray) -> np.ndarray:
+    """Paints a stroke across the editor at height `dy`, inpaints, and checks the result against
+    the image it was painted on: the kept region unchanged, the painted one changed."""
+    _wait_for_editor(page)
+    _paint(page, -0.3, 0.3, dy)
+    after, keep = _inpaint(page, seed=seed, version=version)
+    assert after.shape == before.shape
+    row = int(32 + dy * 64)
+    assert not keep[row, 32] and keep[:4, :4].all() and keep[-4:, -4:].all() and 0.03 < (~keep).mean() < 0.5
+    assert np.array_equal(after[keep], before[keep]), f"edit {version - 1}: the kept region changed"
+    assert np.abs(after[~keep].astype(int) - before[~keep]).mean() > 5, \
+        f"edit {version - 1}: the painted region did not change"
+    assert page.locator("#edit-history img").count() == version
+    return after
+
+
+def test_generate_paint_inpaint_edit_again_undo(page, app_url, tmp_path):
     page.locator("#gen-steps input").fill("10")
     page.locator("#gen-run").click()
     # Progress while sampling: the pipeline's steps, as the page shows them.
@@ -255,25 +294,20 @@ def test_generate_paint_inpaint_undo(page, app_url, tmp_path):
     assert generated.shape == (64, 64, 3)
 
     page.locator("#gen-to-editor").click()
-    page.locator("#edit-editor canvas").first.wait_for()
+    _wait_for_editor(page)
     page.locator("#edit-steps input").fill("10")
     page.locator("#edit-run").click()
     _warning(page, "the mask is empty")
 
-    _paint(page, -0.3, 0.3, 0.0)
-    first, keep = _inpaint(page, seed=1, version=2)
-    assert first.shape == (64, 64, 3)
-    # The drag went through the middle; the corners were not painted.
-    assert not keep[32, 32] and keep[:8, :8].all() and keep[-8:, -8:].all() and 0.03 < (~keep).mean() < 0.5
-    assert np.array_equal(first[keep], generated[keep]), "the kept region changed"
-    assert np.abs(first[~keep].astype(int) - generated[~keep]).mean() > 5, "the painted region did not change"
-
-    assert page.locator("#edit-history img").count() == 2
+    first = _edit(page, 0.0, seed=1, version=2, before=generated)
+    # The result is in the editor: a stroke painted on it now edits it, not the generated image.
+    second = _edit(page, -0.3, seed=2, version=3, before=first)
 
     page.locator("#edit-undo").click()
-    _wait_for_text(page, "#edit-status", "back to version 1")
-    assert np.array_equal(_image(page, "#edit-result"), generated)
-    assert page.locator("#edit-history img").count() == 1
+    _wait_for_text(page, "#edit-status", "back to version 2")
+    assert np.array_equal(_image(page, "#edit-result"), first)
+    assert page.locator("#edit-history img").count() == 2
+    assert not np.array_equal(second, first)
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
 
 
