@@ -37,9 +37,10 @@ from glide_jax.diffusion import GaussianDiffusion
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-# The names a caller picks a sampler by ("dpm++2m": DPM-Solver++ multistep, "dpm++2s": single-step;
-# both second order).
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2s")
+# The names a caller picks a sampler by ("dpm++2m": DPM-Solver++ multistep, "dpm++2s": single-step,
+# "dpm++2m-sde": multistep on the reverse SDE, which draws fresh noise each step as DDPM does; all
+# second order).
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "dpm++2m-sde")
 
 
 def _check_shapes(shape, noise, step_noise, num_steps):
@@ -136,10 +137,11 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, key, *, 
 
 
 def _dpm_solver_pp_coefficients(diffusion: GaussianDiffusion, order: int, multistep: bool,
-                                lower_order_final: bool) -> np.ndarray:
-    """Per step i (sampling order, from index t = S-1-i), the weights (a, a_prev, b, b_prev) of
-    x_next = a·x + a_prev·x_prev + b·x0 + b_prev·x0_prev, where x, x0 are this step's point and
-    data prediction and x_prev, x0_prev the previous step's. Float64, shape (S, 4).
+                                lower_order_final: bool, stochastic: bool = False) -> np.ndarray:
+    """Per step i (sampling order, from index t = S-1-i), the weights (a, a_prev, b, b_prev, c) of
+    x_next = a·x + a_prev·x_prev + b·x0 + b_prev·x0_prev + c·z, where x, x0 are this step's point
+    and data prediction, x_prev, x0_prev the previous step's, z a fresh standard normal draw.
+    Float64, shape (S, 5).
 
     Every DPM-Solver++ update (Lu et al. 2022, algorithms 1 and 2) is such a combination, so one
     scan body serves all variants and the log-SNR arithmetic happens here, in float64, once.
@@ -156,42 +158,71 @@ def _dpm_solver_pp_coefficients(diffusion: GaussianDiffusion, order: int, multis
     The step from index 0 goes to the clean image (lambda = inf), where every order reduces to
     x_next = x0. With `lower_order_final`, 2M's step from index 1 to 0 is first order too (see
     `dpm_solver_pp_sample`).
+
+    `stochastic` (2M only) solves the reverse SDE instead (Lu et al. 2022's SDE-DPM-Solver++,
+    noise at the full DDPM level): the first-order step keeps e^-h of the ODE step's weight on
+    x_s, gives x0_s the weight alpha_t·(1 - e^-2h) and adds sigma_t·sqrt(1 - e^-2h)·z, the exact
+    solution for a constant x_0 prediction; 2M's correction is the same finite difference of the
+    two x_0 predictions, with the SDE's weight. Only c depends on z, so z = 0 gives a valid (but
+    not the ODE's) update.
     """
+    if stochastic and not (multistep and order == 2):
+        raise ValueError("the SDE variant of DPM-Solver++ is second order multistep (2M) only")
     alpha_bar = np.asarray(diffusion.alphas_cumprod, np.float64)
     alpha, sigma = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
     lam = np.log(alpha) - np.log(sigma)
     num_steps = diffusion.num_timesteps
-    coefficients = np.zeros((num_steps, 4), np.float64)
+    coefficients = np.zeros((num_steps, 5), np.float64)
+    if stochastic:
+        return _sde_2m_coefficients(alpha, sigma, lam, lower_order_final, coefficients)
     # 2S: with spans S-1 .. 0 grouped in pairs ending at index 0, index t starts a pair when t is
     # even, and is a pair's midpoint when t is odd and its pair's anchor t+1 exists.
     for i in range(num_steps):
         t = num_steps - 1 - i
         if t == 0:
-            coefficients[i] = (0.0, 0.0, 1.0, 0.0)
+            coefficients[i, 2] = 1.0
             continue
         h = lam[t - 1] - lam[t]
         first_order = (sigma[t - 1] / sigma[t], 0.0, -alpha[t - 1] * np.expm1(-h), 0.0)
         if order == 1 or i == 0 or (multistep and lower_order_final and t == 1):
-            coefficients[i] = first_order
+            coefficients[i, :4] = first_order
         elif multistep:
             r = (lam[t] - lam[t + 1]) / h
             phi = -alpha[t - 1] * np.expm1(-h)
-            coefficients[i] = (sigma[t - 1] / sigma[t], 0.0, phi * (1 + 0.5 / r), -phi * 0.5 / r)
+            coefficients[i, :4] = (sigma[t - 1] / sigma[t], 0.0, phi * (1 + 0.5 / r), -phi * 0.5 / r)
         elif t % 2 == 1:
             anchor = t + 1
             h = lam[t - 1] - lam[anchor]
             r = (lam[t] - lam[anchor]) / h
             phi = -alpha[t - 1] * np.expm1(-h)
-            coefficients[i] = (0.0, sigma[t - 1] / sigma[anchor], phi * 0.5 / r, phi * (1 - 0.5 / r))
+            coefficients[i, :4] = (0.0, sigma[t - 1] / sigma[anchor], phi * 0.5 / r, phi * (1 - 0.5 / r))
         else:
-            coefficients[i] = first_order
+            coefficients[i, :4] = first_order
+    return coefficients
+
+
+def _sde_2m_coefficients(alpha, sigma, lam, lower_order_final: bool, coefficients: np.ndarray) -> np.ndarray:
+    """`_dpm_solver_pp_coefficients`'s stochastic 2M rows."""
+    num_steps = len(coefficients)
+    for i in range(num_steps):
+        t = num_steps - 1 - i
+        if t == 0:
+            coefficients[i, 2] = 1.0
+            continue
+        h = lam[t - 1] - lam[t]
+        phi = -alpha[t - 1] * np.expm1(-2 * h)
+        coefficients[i] = (sigma[t - 1] / sigma[t] * np.exp(-h), 0.0, phi, 0.0,
+                           sigma[t - 1] * np.sqrt(-np.expm1(-2 * h)))
+        if not (i == 0 or (lower_order_final and t == 1)):
+            r = (lam[t] - lam[t + 1]) / h
+            coefficients[i, 2:4] = (phi * (1 + 0.5 / r), -phi * 0.5 / r)
     return coefficients
 
 
 def dpm_solver_pp_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, key, *, noise=None,
                          clip_denoised: bool = True, denoised_fn=None, cond_fn=None, order: int = 2,
-                         multistep: bool = True, lower_order_final: bool = True,
-                         return_trajectory: bool = False):
+                         multistep: bool = True, lower_order_final: bool = True, stochastic: bool = False,
+                         step_noise=None, return_trajectory: bool = False):
     """DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in the data prediction,
     second order (`order=2`) multistep ("2M", `multistep=True`) or single-step ("2S"); `order=1`
     is DDIM with eta 0.
@@ -219,15 +250,23 @@ def dpm_solver_pp_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape,
     better, and no worse than DDIM for small s. 2S's last pair has its midpoint inside, so it needs
     no such step.
 
+    `stochastic` solves the reverse SDE instead of the ODE (2M only, "dpm++2m-sde"): each step
+    adds fresh noise, drawn from `key` as `ddpm_sample` draws it, or taken from `step_noise`
+    (S, B, H, W, C) in sampling order. Like DDPM and unlike the ODE it forgets part of x_T at
+    every step, which on the demo models costs less accuracy at few steps than the ODE does (see
+    bench/README).
+
     Returns the sample, and with `return_trajectory` also the point after every step, (S, B, H, W, C).
     """
     if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(f"DPM-Solver++ order must be 1 or 2, got {order!r}")
     num_steps = diffusion.num_timesteps
-    shape = _check_shapes(shape, noise, None, num_steps)
-    coefficients = jnp.asarray(_dpm_solver_pp_coefficients(diffusion, order, multistep, lower_order_final),
-                               jnp.float32)
-    init_key, _ = jax.random.split(key)  # the split `_run` makes, so a key gives every sampler the same x_T
+    shape = _check_shapes(shape, noise, step_noise, num_steps)
+    if step_noise is not None and not stochastic:
+        raise ValueError("step_noise is for the stochastic (SDE) DPM-Solver++; the ODE draws no noise")
+    coefficients = jnp.asarray(_dpm_solver_pp_coefficients(diffusion, order, multistep, lower_order_final,
+                                                           stochastic), jnp.float32)
+    init_key, loop_key = jax.random.split(key)  # the split `_run` makes: a key gives every sampler the same x_T
     x = jax.random.normal(init_key, shape, jnp.float32) if noise is None else jnp.asarray(noise, jnp.float32)
 
     def data_prediction(x, t):
@@ -247,15 +286,19 @@ def dpm_solver_pp_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape,
 
     def body(carry, inputs):
         x, x_prev, x0_prev = carry
-        i, (a, a_prev, b, b_prev) = inputs
+        i, (a, a_prev, b, b_prev, c), injected = inputs
         x0 = data_prediction(x, num_steps - 1 - i)
         x_next = a * x + a_prev * x_prev + b * x0 + b_prev * x0_prev
+        if stochastic:
+            z = (injected.astype(jnp.float32) if injected is not None
+                 else jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32))
+            x_next = x_next + c * z
         return (x_next, x, x0), (x_next if return_trajectory else None)
 
     # Step 0's weights on the previous point are 0, so any finite start value serves.
     (x, _, _), trajectory = jax.lax.scan(
         body, (x, x, jnp.zeros_like(x)),
-        (jnp.arange(num_steps, dtype=jnp.int32), tuple(coefficients.T)))
+        (jnp.arange(num_steps, dtype=jnp.int32), tuple(coefficients.T), step_noise))
     return (x, trajectory) if return_trajectory else x
 
 

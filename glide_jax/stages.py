@@ -190,6 +190,8 @@ def _sample_loop(spec: _Spec, guided_fn, x_T, loop_key, example, scalars, denois
     if spec.sampler == "ddim":
         eta = scalars["eta"] if spec.stochastic_ddim else 0.0
         return ddim_sample(guided_fn, spec.diffusion, shape, loop_key, eta=eta, **common)
+    if spec.sampler == "dpm++2m-sde":
+        return dpm_solver_pp_sample(guided_fn, spec.diffusion, shape, loop_key, stochastic=True, **common)
     if spec.sampler in ("dpm++2m", "dpm++2s"):
         # Deterministic: no per-step noise to take.
         return dpm_solver_pp_sample(guided_fn, spec.diffusion, shape, loop_key, noise=x_T, clip_denoised=True,

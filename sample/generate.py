@@ -52,7 +52,7 @@ EXIT_BUG = 1   # glide_jax.errors.EXIT_BUG, without importing the package before
 DEFAULTS = "(default: the model family's; GLIDE: %s, demo: %s)"
 MODEL_CHOICES = ("demo", "glide")
 MATMUL_PRECISIONS = ("default", "high", "highest")
-SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++2s")   # glide_jax.sampling.SAMPLERS, without importing jax
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "dpm++2m-sde")   # glide_jax.sampling.SAMPLERS, without importing jax
 FULL_CHAIN_START = 999
 
 

@@ -72,13 +72,17 @@ def test_progress_follows_every_step_of_each_stage(pipe):
 
 
 def test_dpm_solver_through_the_pipeline(pipe, first):
-    # DPM-Solver++ (2M) at as many steps as the DDPM run: a deterministic image of the same prompts.
-    out = pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4)
-    assert out.arrays.shape == (2, 32, 32, 3) and out.settings["sampler"] == "dpm++2m"
-    np.testing.assert_array_equal(pipe(PROMPTS, seed=3, sampler="dpm++2m", upsample=False, steps=4).arrays,
-                                  out.arrays)
-    assert not np.array_equal(out.arrays, first.base_arrays)
-    assert set(pipe.samplers) >= {"ddpm", "ddim", "dpm++2m", "dpm++2s"}
+    # DPM-Solver++ (2M, and 2M on the SDE) at as many steps as the DDPM run: the same image for the
+    # same seed, another than DDPM's.
+    out = {}
+    for sampler in ("dpm++2m", "dpm++2m-sde"):
+        out[sampler] = pipe(PROMPTS, seed=3, sampler=sampler, upsample=False, steps=4)
+        assert out[sampler].arrays.shape == (2, 32, 32, 3) and out[sampler].settings["sampler"] == sampler
+        np.testing.assert_array_equal(pipe(PROMPTS, seed=3, sampler=sampler, upsample=False, steps=4).arrays,
+                                      out[sampler].arrays)
+        assert not np.array_equal(out[sampler].arrays, first.base_arrays)
+    assert not np.array_equal(out["dpm++2m"].arrays, out["dpm++2m-sde"].arrays)
+    assert set(pipe.samplers) >= {"ddpm", "ddim", "dpm++2m", "dpm++2s", "dpm++2m-sde"}
 
 
 def test_img2img_starts_from_the_given_image(pipe, first):
