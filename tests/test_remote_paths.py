@@ -1,0 +1,139 @@
+"""Saved models on an object store (a fake `gs://`, see tests/fake_gcs.py), with
+every local-only call rigged to fail on its paths: file locks, fsync, `Path.absolute`/`abspath`/
+`resolve` (which would turn `gs://b/x` into `<cwd>/gs:/b/x`), renames and the rename exchange.
+One process only: with several, `save_model` stages under a fixed name (otherwise the same code).
+"""
+
+import os
+import pathlib
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from etils import epath
+
+import fake_gcs
+from test_checkpoint import CONFIG, assert_same_tree, make_params
+
+from glide_jax import checkpoint, paths
+
+
+def _touches(root: pathlib.Path, text: str) -> bool:
+    """A gs:// URI (or one mangled into a local path), or a file of the fake store's folder."""
+    return "gs:/" in text or text.startswith(str(root))
+
+
+def _fd_path(fd) -> str:
+    fd = fd if isinstance(fd, int) else fd.fileno()
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _rig_local_only_calls(monkeypatch, root: pathlib.Path) -> None:
+    def guard(name, real, describe, touches=lambda text: _touches(root, text)):
+        def guarded(*args, **kwargs):
+            for described in describe(*args):
+                if touches(described):
+                    raise AssertionError(f"{name} called on {described}: a local-only call on an object store")
+            return real(*args, **kwargs)
+        return guarded
+
+    import fcntl
+    from etils.epath import gpath
+
+    by_fd = lambda fd, *rest: [_fd_path(fd)]
+    by_paths = lambda *args: [os.fspath(a) for a in args[:2] if isinstance(a, (str, os.PathLike))]
+    monkeypatch.setattr(fcntl, "flock", guard("fcntl.flock", fcntl.flock, by_fd))
+    monkeypatch.setattr(os, "fsync", guard("os.fsync", os.fsync, by_fd))
+    monkeypatch.setattr(os, "rename", guard("os.rename", os.rename, by_paths))
+    monkeypatch.setattr(os, "replace", guard("os.replace", os.replace, by_paths))
+    # Making a path absolute is wrong only for a URI (the fake's folder is a local path to it).
+    uri = lambda text: "gs:/" in text
+    monkeypatch.setattr(os.path, "abspath", guard("os.path.abspath", os.path.abspath, by_paths, uri))
+    monkeypatch.setattr(pathlib.Path, "absolute", guard("Path.absolute", pathlib.Path.absolute, by_paths, uri))
+    monkeypatch.setattr(gpath._GPath, "resolve", guard("epath resolve", gpath._GPath.resolve, by_paths, uri))
+    monkeypatch.setattr(checkpoint, "_exchange", guard("checkpoint._exchange", checkpoint._exchange, by_paths))
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    fake = fake_gcs.install(monkeypatch, root)
+    # The fake's own calls reach the folder through os functions, which is the object store's
+    # side; everything else must not.
+    _rig_local_only_calls(monkeypatch, root)
+    fake.root = root
+    return fake
+
+
+def test_the_rigged_calls_do_fail_on_the_store(gcs):
+    (gcs.root / "bucket").mkdir()
+    with pytest.raises(AssertionError, match="Path.absolute"):
+        pathlib.Path("gs://bucket/x").absolute()
+    with open(gcs.root / "bucket" / "f", "w") as f, pytest.raises(AssertionError, match="os.fsync"):
+        os.fsync(f.fileno())
+    with pytest.raises(AssertionError, match="epath resolve"):
+        epath.Path("gs://bucket/x").absolute()
+
+
+def test_paths_tell_local_from_remote_and_refuse_unknown_schemes(tmp_path):
+    assert paths.is_local(tmp_path) and paths.is_local("relative/dir") and paths.is_local("/gcs/mounted")
+    assert not paths.is_local("gs://bucket/run") and not paths.is_local(epath.Path("s3://b/k"))
+    assert os.fspath(paths.absolute("gs://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(paths.absolute("rel")) == os.path.join(os.getcwd(), "rel")
+    with pytest.raises(ValueError, match="etils.epath cannot open ftp:// paths"):
+        paths.as_path("ftp://host/x")
+
+
+@pytest.mark.parametrize("format", ["orbax", "safetensors"])
+def test_saved_models_round_trip_and_are_replaced_whole(gcs, format):
+    target = "gs://bucket/models/base"
+    params = make_params(0)
+    if format == "safetensors":     # it stores bfloat16 as float32
+        params = jax.tree.map(lambda a: np.asarray(a, np.float32 if a.dtype == ml_dtypes.bfloat16 else a.dtype), params)
+    assert os.fspath(checkpoint.save_model(target, params, CONFIG, format=format)) == target
+    assert checkpoint.is_saved_model(target)
+    config, loaded = checkpoint.load_model(target)
+    assert config == CONFIG
+    assert_same_tree(loaded, params)
+    restored = checkpoint.restore_params(target, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert_same_tree(restored, params)
+
+    with pytest.raises(FileExistsError, match="gs://bucket/models/base already exists"):
+        checkpoint.save_model(target, params, CONFIG, format=format)
+    other = make_params(1)
+    if format == "safetensors":
+        other = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), other, params)
+    checkpoint.save_model(target, other, {"version": 2}, overwrite=True, format=format)
+    config, loaded = checkpoint.load_model(target)
+    assert config == {"version": 2}
+    assert_same_tree(loaded, other)
+    assert sorted(os.listdir(gcs.root / "bucket" / "models")) == ["base"]   # no staging copy left
+    assert not any(mode.startswith("a") for _, mode in gcs.opened)
+
+
+def test_a_failure_while_publishing_leaves_the_complete_model_staged_and_nothing_loadable(gcs, monkeypatch):
+    target = "gs://bucket/m"
+    checkpoint.save_model(target, make_params(0), CONFIG)
+    real_copy = epath.Path.copy
+    copied = []
+
+    def failing_copy(self, dst, overwrite=False):
+        if len(copied) == 3:
+            raise OSError("simulated network failure")
+        copied.append(dst)
+        return real_copy(self, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(type(epath.Path(target)), "copy", failing_copy)
+    with pytest.raises(checkpoint.CheckpointError, match=r"gs://bucket/m: moving the saved model into place failed "
+                                                          r".*the complete model is in gs://bucket/\.m\.saving-"):
+        checkpoint.save_model(target, make_params(1), {"version": 2}, overwrite=True)
+    monkeypatch.setattr(type(epath.Path(target)), "copy", real_copy)
+    assert not checkpoint.is_saved_model(target)        # its config goes last: never half a model
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        checkpoint.load_model(target)
+    staged = [name for name in os.listdir(gcs.root / "bucket") if name.startswith(".m.saving-")]
+    assert len(staged) == 1
+    config, loaded = checkpoint.load_model(f"gs://bucket/{staged[0]}")
+    assert config == {"version": 2}
+    assert_same_tree(loaded, make_params(1))
