@@ -1,4 +1,4 @@
-"""Saved models on an object store (a fake `gs://`, see tests/fake_gcs.py), with
+"""Saved models and sampled images on an object store (a fake `gs://`, see tests/fake_gcs.py), with
 every local-only call rigged to fail on its paths: file locks, fsync, `Path.absolute`/`abspath`/
 `resolve` (which would turn `gs://b/x` into `<cwd>/gs:/b/x`), renames and the rename exchange.
 One process only: with several, `save_model` stages under a fixed name (otherwise the same code).
@@ -137,3 +137,25 @@ def test_a_failure_while_publishing_leaves_the_complete_model_staged_and_nothing
     config, loaded = checkpoint.load_model(f"gs://bucket/{staged[0]}")
     assert config == {"version": 2}
     assert_same_tree(loaded, make_params(1))
+
+
+def test_sampled_pngs_go_to_the_store(gcs):
+    from PIL import Image
+
+    from sample import generate
+    from sample import images as image_io
+
+    # The CLI's --out checks: nothing is made up front, a probe object proves it writable later.
+    generate._check_out("gs://bucket/out")
+    assert not (gcs.root / "bucket").exists()
+    generate._writable(paths.absolute("gs://bucket/out"))
+    assert os.listdir(gcs.root / "bucket" / "out") == []
+    with pytest.raises(generate.InputError, match="--out ftp://host/x: etils.epath cannot open ftp:// paths"):
+        generate._check_out("ftp://host/x")
+
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    image_io.save_png("gs://bucket/out/0000.png", pixels, metadata={"prompt": "a cube"})
+    with Image.open(gcs.root / "bucket" / "out" / "0000.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+        assert image.text["prompt"] == "a cube"
+    assert os.listdir(gcs.root / "bucket" / "out") == ["0000.png"]
