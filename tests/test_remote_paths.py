@@ -1,11 +1,17 @@
-"""Saved models and sampled images on an object store (a fake `gs://`, see tests/fake_gcs.py), with
-every local-only call rigged to fail on its paths: file locks, fsync, `Path.absolute`/`abspath`/
-`resolve` (which would turn `gs://b/x` into `<cwd>/gs:/b/x`), renames and the rename exchange.
-One process only: with several, `save_model` stages under a fixed name (otherwise the same code).
+"""Saved models, a training run and sampled images on an object store (a fake `gs://`, see
+tests/fake_gcs.py), with every local-only call rigged to fail on its paths: file locks, fsync,
+`Path.absolute`/`abspath`/`resolve` (which would turn `gs://b/x` into `<cwd>/gs:/b/x`), renames
+and the rename exchange. One process only: with several, `save_model` stages under a fixed name
+(otherwise the same code) and the trainer's other processes write only their orbax checkpoint
+shards.
 """
 
+import itertools
+import json
+import logging
 import os
 import pathlib
+import struct
 
 import jax
 import ml_dtypes
@@ -15,6 +21,7 @@ from etils import epath
 
 import fake_gcs
 from test_checkpoint import CONFIG, assert_same_tree, make_params
+from test_training import run_config
 
 from glide_jax import checkpoint, paths
 
@@ -159,3 +166,70 @@ def test_sampled_pngs_go_to_the_store(gcs):
         np.testing.assert_array_equal(np.asarray(image), pixels)
         assert image.text["prompt"] == "a cube"
     assert os.listdir(gcs.root / "bucket" / "out") == ["0000.png"]
+
+
+def test_no_lock_on_a_run_directory_in_the_store_and_a_warning_says_so(gcs, caplog):
+    from train.train import lock_run_dir
+
+    with caplog.at_level(logging.WARNING, logger="glide_jax.train"):
+        assert lock_run_dir("gs://bucket/run") is None
+    assert "gs://bucket/run is on an object store, where no lock guards it" in caplog.text
+
+
+def read_events(directory: pathlib.Path) -> list:
+    """Every event of the TensorBoard event files in `directory` (TFRecord framing, CRCs checked)."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            header = data[at:at + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(header), path
+            body = data[at + 12:at + 12 + length]
+            assert struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] == masked_crc32c(body), path
+            events.append(event_pb2.Event.FromString(body))
+            at += 16 + length
+    return events
+
+
+def scalars(events) -> dict:
+    """{(tag, step): value} of the scalar summaries."""
+    return {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
+
+
+def test_a_run_in_the_store_trains_checkpoints_logs_and_resumes(gcs, tmp_path, caplog):
+    from demo import shapes
+    from glide_jax import tokenizers
+    from train.run_config import load_run_config
+    from train.train import Trainer
+
+    captions = [c for scene in itertools.islice(shapes.iter_scenes(0), 300) for c in scene.captions()]
+    spm = tmp_path / "shapes.model"
+    tokenizers.SentencePieceTokenizer.train(captions, spm, 40)
+    config = run_config(spm, "gs://bucket/run", train_steps=4, checkpoint__every=2, log__every=2,
+                        sample={"every": 4, "count": 2, "respacing": "4"})
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    for steps in (4, 6):
+        with caplog.at_level(logging.INFO, logger="glide_jax.train"):
+            trainer = Trainer(*load_run_config(tmp_path / "run.json", [f"train_steps={steps}"]))
+            try:
+                trainer.run()
+            finally:
+                trainer.close()
+    assert "resumed from gs://bucket/run at step 4" in caplog.text
+
+    run = gcs.root / "bucket" / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name.isdigit()) == ["4", "6"]   # keep=2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 4, 6, 6]        # both sessions' lines, done records too
+    assert [r.get("event") for r in records] == [None, None, "done", None, "done"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["prompts.json", "step_00000004.png",
+                                                                   "step_00000006.png"]
+    values = scalars(read_events(run / "tensorboard"))
+    for record in records:
+        if record.get("event") is None:
+            assert values[("loss", record["step"])] == pytest.approx(record["loss"], rel=1e-6)
+    assert not any(mode.startswith("a") for _, mode in gcs.opened)
