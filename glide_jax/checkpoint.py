@@ -11,6 +11,12 @@ Saving is atomic at the level of DIRECTORY: everything is written into a tempora
 moved into place only once complete, so a crash or an exception mid-save never leaves a
 half-written model under the final name, and an overwritten model stays intact until the new one
 is complete.
+
+DIRECTORY may be on any filesystem `glide_jax.paths` takes (`gs://...`). An object store cannot
+rename a directory atomically, so there the complete staged model is copied under its final name
+with `config.json` last: a model is only one once its config is there (`is_saved_model`,
+`load_model`), so the final name never holds one that loads partly. An overwritten model goes
+only once the new one is complete (staged); while the copy runs, the final name holds no model.
 """
 
 from __future__ import annotations
@@ -21,14 +27,15 @@ import json
 import os
 import shutil
 import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from glide_jax.config import ConfigError, read_json_object
+from glide_jax import paths
+from glide_jax.config import ConfigError
 
 __all__ = ["CheckpointError", "save_model", "load_model", "restore_params", "CONFIG_FILE",
            "PARAMS_DIR", "SAFETENSORS_FILE", "FORMATS", "is_saved_model"]
@@ -68,7 +75,7 @@ def _config_json(config: dict) -> str:
 
 def is_saved_model(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds a config and params in either format."""
-    directory = Path(directory)
+    directory = paths.as_path(directory)
     return (directory / CONFIG_FILE).is_file() and (
         (directory / PARAMS_DIR).is_dir() or (directory / SAFETENSORS_FILE).is_file())
 
@@ -96,20 +103,24 @@ def _unflat(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def _write_safetensors(path: Path, params: Any) -> None:
-    from safetensors.numpy import save_file
+def _write_safetensors(path: epath.Path, params: Any) -> None:
+    from safetensors.numpy import save, save_file
 
     tensors = _flat(params)
     unsupported = {k: str(v.dtype) for k, v in tensors.items() if v.dtype.name == "bfloat16"}
     if unsupported:
         # numpy's safetensors writer has no bfloat16; widening is exact.
         tensors = {k: (v.astype(np.float32) if k in unsupported else v) for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "glide-jax"})
+    metadata = {"format": "glide-jax"}
+    if not paths.is_local(path):
+        paths.write_bytes(path, save(tensors, metadata=metadata))
+        return
+    save_file(tensors, os.fspath(path), metadata=metadata)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def _exchange(a: epath.Path, b: epath.Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
@@ -125,7 +136,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
-def _move_into_place(staged: Path, directory: Path) -> None:
+def _move_into_place(staged: epath.Path, directory: epath.Path) -> None:
+    """Local filesystems: the staged model takes the final name by rename (exchange if possible)."""
     if not directory.exists():
         os.rename(staged, directory)
         return
@@ -143,16 +155,72 @@ def _move_into_place(staged: Path, directory: Path) -> None:
     shutil.rmtree(retired)
 
 
+def _publish(staged: epath.Path, directory: epath.Path) -> None:
+    """Object stores: the staged model copied under the final name, its config last.
+
+    A rename there is a copy and a delete per object, so nothing is gained by renaming; copying
+    instead keeps the staged model whole until the final one is, so a failure at any point leaves
+    a complete model somewhere (said in the error) and nothing under the final name that loads.
+    """
+    try:
+        if directory.exists():
+            # The old model stops being one before any of its files go.
+            (directory / CONFIG_FILE).unlink(missing_ok=True)
+            directory.rmtree()
+        config = staged / CONFIG_FILE
+        for source in sorted(_files(staged), key=lambda path: path == config):
+            target = directory / source.relative_to(staged)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.copy(target, overwrite=True)
+    except Exception as err:
+        raise CheckpointError(f"{directory}: moving the saved model into place failed "
+                              f"({type(err).__name__}: {err}); the complete model is in {staged} (remove "
+                              f"{directory} before saving there again)") from err
+    staged.rmtree()
+
+
+def _files(directory: epath.Path):
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            yield from _files(entry)
+        else:
+            yield entry
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
+def _check_target(directory: epath.Path, overwrite: bool) -> None:
+    exists = directory.exists() or (paths.is_local(directory) and os.path.islink(directory))
+    if not exists:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+    if not directory.is_dir() or not is_saved_model(directory):
+        raise FileExistsError(
+            f"{directory} exists but is not a saved model (no {CONFIG_FILE} and {PARAMS_DIR}/ or "
+            f"{SAFETENSORS_FILE}); refusing to replace it")
+
+
+def _staging_path(directory: epath.Path, primary: bool) -> epath.Path:
+    if jax.process_count() == 1:
+        return directory.with_name(f".{directory.name}.saving-{uuid.uuid4().hex[:8]}")
+    # Every process must write into the same staging path, so it cannot be random.
+    staged = directory.with_name(f".{directory.name}.saving")
+    if primary and staged.exists():
+        staged.rmtree()  # left behind by an earlier crash
+    _sync(f"glide_jax.save_model.clean:{directory}")
+    return staged
+
+
 def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
-               overwrite: bool = False, format: str = "orbax") -> Path:
+               overwrite: bool = False, format: str = "orbax") -> epath.Path:
     """Write `params` and `config` to `directory` atomically; returns the directory's path.
 
+    `directory` is local or any URI `glide_jax.paths` takes (`gs://bucket/models/base`).
     `format` "orbax" (sharded, multi-host) or "safetensors" (one file, written by process 0;
     bfloat16 leaves are stored as float32).
 
@@ -161,37 +229,20 @@ def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
     path cannot wipe unrelated files. Leaves keep their dtypes (bfloat16 included). With several
     JAX processes every process must call this with the same arguments, as orbax requires.
     """
-    directory = Path(directory).absolute()
+    directory = paths.absolute(directory)
     if format not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
     config_text = _config_json(config)
     _check_params(params)
-    if directory.exists() or directory.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-        if not directory.is_dir() or not is_saved_model(directory):
-            raise FileExistsError(
-                f"{directory} exists but is not a saved model (no {CONFIG_FILE} and {PARAMS_DIR}/ or "
-                f"{SAFETENSORS_FILE}); "
-                f"refusing to replace it")
+    _check_target(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
 
     primary = jax.process_index() == 0
-    if jax.process_count() > 1:
-        # Every process must write into the same staging path, so it cannot be random.
-        staged = directory.with_name(f".{directory.name}.saving")
-        if primary and staged.exists():
-            shutil.rmtree(staged)  # left behind by an earlier crash
-        _sync(f"glide_jax.save_model.clean:{directory}")
-    else:
-        staged = directory.with_name(f".{directory.name}.saving-{uuid.uuid4().hex[:8]}")
+    staged = _staging_path(directory, primary)
     try:
         if primary:
             staged.mkdir()
-            with open(staged / CONFIG_FILE, "w") as f:
-                f.write(config_text)
-                f.flush()
-                os.fsync(f.fileno())
+            paths.write_bytes(staged / CONFIG_FILE, config_text.encode())
         _sync(f"glide_jax.save_model.staged:{directory}")
         if format == "safetensors":
             if primary:
@@ -204,22 +255,31 @@ def save_model(directory: str | os.PathLike, params: Any, config: dict, *,
             finally:
                 checkpointer.close()
         _sync(f"glide_jax.save_model.written:{directory}")
-        if primary:
+        if primary and paths.is_local(directory):
             _move_into_place(staged, directory)
-        _sync(f"glide_jax.save_model.moved:{directory}")
     except BaseException:
         if primary:
-            shutil.rmtree(staged, ignore_errors=True)
+            _discard(staged)
         raise
+    if primary and not paths.is_local(directory):
+        _publish(staged, directory)    # keeps the staged model if it fails
+    _sync(f"glide_jax.save_model.moved:{directory}")
     return directory
+
+
+def _discard(staged: epath.Path) -> None:
+    try:
+        staged.rmtree()
+    except Exception:  # noqa: BLE001 - an object store's client raises its own types
+        pass   # never there, or already gone: the error being raised is the one that matters
 
 
 # -- loading -------------------------------------------------------------------------------------
 
 
-def _locate(directory: str | os.PathLike) -> tuple[Path, Path]:
+def _locate(directory: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
     """The model directory and its params: the `params/` folder or the safetensors file."""
-    directory = Path(directory).absolute()
+    directory = paths.absolute(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"saved model directory {directory} does not exist")
     params_dir = directory / PARAMS_DIR
@@ -231,29 +291,29 @@ def _locate(directory: str | os.PathLike) -> tuple[Path, Path]:
     return directory, params_dir
 
 
-def _read_safetensors(path: Path, dtype) -> dict:
+def _read_safetensors(path: epath.Path, dtype) -> dict:
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     try:
-        flat = load_file(str(path))
+        flat = load_file(os.fspath(path)) if paths.is_local(path) else load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     return _unflat({k: (v.astype(_cast_dtype(v.dtype, dtype)) if _cast_dtype(v.dtype, dtype) else v)
                     for k, v in flat.items()})
 
 
-def _read_config(directory: Path) -> dict:
+def _read_config(directory: epath.Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; not a saved model")
     try:
-        return read_json_object(path, "model config")
+        return paths.read_json_object(path, "model config")
     except ConfigError as err:   # a damaged saved model, not a user's config mistake
         raise CheckpointError(str(err)) from None
 
 
-def _param_metadata(params_dir: Path) -> Any:
+def _param_metadata(params_dir: epath.Path) -> Any:
     """The saved tree with a shape/dtype record at each leaf."""
     try:
         metadata = ocp.PyTreeCheckpointer().metadata(params_dir)

@@ -115,7 +115,7 @@ def _parse_args(argv):
                         "(JAX_DEFAULT_MATMUL_PRECISION); no effect on the CPU")
     p.add_argument("--checkpoint-dir", help="directory of converted GLIDE models or the reference's .pt files")
     p.add_argument("--vocab-dir", help="tokenizer vocabulary directory (default: the cache, downloaded)")
-    p.add_argument("--out", default="samples", help="output directory (default ./samples)")
+    p.add_argument("--out", default="samples", help="output directory, local or e.g. gs://bucket/dir (default ./samples)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not keep compiled programs on disk for later runs (default: kept under the cache "
@@ -177,6 +177,14 @@ def _check_args(args) -> None:
 def _check_out(out: str) -> None:
     """--out must be creatable and writable, checked before minutes of sampling; nothing is
     created here, so a run refused later leaves no empty directory behind."""
+    from glide_jax import paths
+
+    try:
+        remote = not paths.is_local(out)
+    except ValueError as err:
+        raise InputError(f"--out {err}") from None
+    if remote:
+        return   # an object store's permissions show only when writing: `_writable` tries that
     path = Path(out)
     if path.exists():
         if not path.is_dir():
@@ -234,14 +242,22 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _writable(out: Path) -> None:
+def _writable(out) -> None:
     """Creates `out` once the models are loaded (`_check_out` refused what it could up front) and
     proves it writable with a real file, before any sampling time is spent."""
     import tempfile
+    import uuid
+
+    from glide_jax import paths
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        if paths.is_local(out):
+            tempfile.TemporaryFile(dir=out).close()
+        else:
+            probe = out / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
     except OSError as err:
         raise InputError(f"--out {out}: cannot write there ({err.strerror or err})") from None
 
@@ -287,7 +303,7 @@ def _chunks(n: int, max_batch: int | None):
         yield start, rows + [rows[-1]] * (size - len(rows)), len(rows)
 
 
-def _sample(pipe, args, prompts, inpaint_files, init, out: Path, log) -> dict:
+def _sample(pipe, args, prompts, inpaint_files, init, out, log) -> dict:
     """Samples chunk by chunk, writing each chunk's PNGs as soon as it is done."""
     import jax
 
@@ -339,7 +355,8 @@ def _is_primary() -> bool:
     return parallel.is_primary()
 
 
-def run(args, log) -> Path:
+def run(args, log):
+    from glide_jax import paths
     from glide_jax.pipeline import Pipeline
     from sample import images as image_io
 
@@ -360,10 +377,10 @@ def run(args, log) -> Path:
         pipe.model("upsample-inpaint" if inpainting and pipe.has_model("upsample-inpaint") else "upsample")
     if args.guidance == "clip":
         pipe.model("clip")
-    out = Path(args.out)
+    out = paths.absolute(args.out)
     _writable(out)
     summary = _sample(pipe, args, prompts, inpaint_files, init, out, log)
-    log(f"wrote {len(prompts) * args.batch_size} image(s) and grid.png to {out.resolve()}")
+    log(f"wrote {len(prompts) * args.batch_size} image(s) and grid.png to {out}")
     if args.json:
         import json
 

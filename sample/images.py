@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
 import os
 import warnings
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from glide_jax import paths
 from glide_jax.images import ImageInputError
 
 
@@ -53,9 +54,10 @@ def load_inpaint_inputs(image_path, mask_path) -> tuple[Image.Image, Image.Image
     return image, mask
 
 
-def save_png(path: str | Path, image: np.ndarray, metadata: dict[str, str] | None = None) -> None:
+def save_png(path: str | os.PathLike, image: np.ndarray, metadata: dict[str, str] | None = None) -> None:
     """Writes an (H, W, 3) uint8 image with `metadata` as PNG text chunks (iTXt, so any Unicode);
-    no timestamp or other varying metadata, so equal images and settings give equal bytes."""
+    no timestamp or other varying metadata, so equal images and settings give equal bytes. `path`
+    may be on an object store (`gs://...`)."""
     from PIL import PngImagePlugin
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
@@ -65,16 +67,12 @@ def save_png(path: str | Path, image: np.ndarray, metadata: dict[str, str] | Non
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)
-    # Written beside the target and renamed, so a failed write (disk full, permissions) never
-    # leaves a half PNG under the final name.
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG", pnginfo=info)
+    # A failed write (disk full, permissions) never leaves a half PNG under the final name.
     try:
-        Image.fromarray(image).save(partial, format="PNG", pnginfo=info)
-        os.replace(partial, path)
+        paths.write_bytes(path, png.getvalue())
     except OSError as err:
-        with contextlib.suppress(OSError):  # e.g. the directory itself is not there
-            partial.unlink(missing_ok=True)
         raise ImageOutputError(f"cannot write {path}: {err.strerror or err}") from None
 
 

@@ -7,10 +7,12 @@ also give the upsampler's low-res input and the inpainting models' known region.
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
+
+from glide_jax import paths
 
 # Any seed offset works; it only has to keep the preview loader's stream apart from training's.
 _PREVIEW_SEED_OFFSET = 7919
@@ -30,7 +32,7 @@ class PreviewSampler:
             raise ConfigError("sample.every: sample grids are for the diffusion models, not model_kind 'clip'")
         self.trainer = trainer
         self.section = cfg.sample
-        self.out_dir = Path(cfg.sample.dir) if cfg.sample.dir else trainer.run_dir / "samples"
+        self.out_dir = paths.as_path(cfg.sample.dir) if cfg.sample.dir else trainer.run_dir / "samples"
         mc = trainer.model_config
         n = cfg.sample.count
         loader = data.DataLoader(
@@ -92,7 +94,9 @@ class PreviewSampler:
 
         self.generate = jax.jit(generate, out_shardings=parallel.replicated_sharding(trainer.mesh))
 
-    def write(self, step: int) -> Path | None:
+    def write(self, step: int, metrics=None):
+        """Samples a grid at `step` and writes it as `step_<step>.png` (and to `metrics`, a
+        `train.metrics.MetricsWriter`, when given); returns its path on the primary process."""
         import jax
 
         from glide_jax import data, parallel
@@ -111,7 +115,11 @@ class PreviewSampler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:08d}.png"
         from PIL import Image
-        Image.fromarray(grid).save(path)
-        (self.out_dir / "prompts.json").write_text(json.dumps(self.prompts, indent=1) + "\n")
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        paths.write_bytes(path, png.getvalue())
+        paths.write_bytes(self.out_dir / "prompts.json", (json.dumps(self.prompts, indent=1) + "\n").encode())
+        if metrics is not None:
+            metrics.image("samples", step, grid, caption=" | ".join(self.prompts))
         return path
 

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from glide_jax import paths
 from glide_jax.config import ConfigError, read_json_object
 from glide_jax.training import MODEL_KINDS, OptimizerConfig
 
@@ -68,7 +69,7 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    dir: str = ""
+    dir: str = ""                 # the run directory: local, or any URI glide_jax.paths takes (gs://...)
     every: int = 1000
     keep: int = 3
     async_save: bool = True       # write in the background while training goes on
@@ -78,6 +79,8 @@ class CheckpointSection:
 class LogSection:
     every: int = 50
     metrics_file: str = ""        # JSON lines; "" = <checkpoint.dir>/metrics.jsonl
+    tensorboard: bool = True      # event files in <checkpoint.dir>/tensorboard (see train/metrics.py)
+    wandb_project: str = ""       # a Weights & Biases project to log to as well ("" = none; needs wandb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +175,12 @@ class RunConfig:
             raise ConfigError(f"sample.sampler must be 'ddim' or 'ddpm', got {self.sample.sampler!r}")
         if self.mesh.fsdp < 1:
             raise ConfigError(f"mesh.fsdp must be >= 1, got {self.mesh.fsdp}")
+        for key, value in (("checkpoint.dir", self.checkpoint.dir), ("log.metrics_file", self.log.metrics_file),
+                           ("sample.dir", self.sample.dir), ("init_from", self.init_from)):
+            try:
+                paths.as_path(value or ".")
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "run config") -> "RunConfig":

@@ -6,11 +6,13 @@
 Multi-process: start one copy per host with GLIDE_COORDINATOR_ADDRESS=host:port,
 GLIDE_NUM_PROCESSES and GLIDE_PROCESS_ID set (see `glide_jax.parallel.initialize_distributed`).
 
-A run lives in `checkpoint.dir`: orbax checkpoints `<step>/` (train state + every process's data
-position + the run config), `metrics.jsonl`, and `samples/`. Started again with the same
-directory it resumes from the newest checkpoint: params, EMA, optimizer state, step, RNG and data
-position come back, so the run goes on as if it had never stopped. One run at a time per directory:
-the first process holds `<checkpoint.dir>/lock` while it runs. Exit codes: 0 done, 2 bad
+A run lives in `checkpoint.dir`, a local directory or any URI `glide_jax.paths` takes
+(`gs://bucket/runs/a`): orbax checkpoints `<step>/` (train state + every process's data position +
+the run config), `metrics.jsonl`, `tensorboard/` and `samples/` (see train/metrics.py). Started
+again with the same directory it resumes from the newest checkpoint: params, EMA, optimizer state,
+step, RNG and data position come back, so the run goes on as if it had never stopped. One run at a
+time per local directory: the first process holds `<checkpoint.dir>/lock` while it runs (nothing
+guards a directory on an object store; see `lock_run_dir`). Exit codes: 0 done, 2 bad
 configuration, 3 non-finite loss (the last good checkpoint is kept), 4 the directory is in use.
 """
 
@@ -23,10 +25,11 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from glide_jax import paths
 
 log = logging.getLogger("glide_jax.train")
 
@@ -39,10 +42,19 @@ class RunDirectoryBusy(Exception):
     pass
 
 
-def lock_run_dir(run_dir: Path):
+def lock_run_dir(run_dir):
     """Holds `run_dir/lock` for as long as the returned file stays open (the OS drops the lock when
     the process dies, so a killed run leaves nothing stale behind). A second run on the same
-    directory would save its checkpoints over the first one's, each pruning the other's steps."""
+    directory would save its checkpoints over the first one's, each pruning the other's steps.
+
+    A directory on an object store gets no lock (None, and a warning): a lock object outlives a
+    killed or preempted holder, and would then refuse the very resume such a run is restarted for.
+    """
+    run_dir = paths.as_path(run_dir)
+    if not paths.is_local(run_dir):
+        log.warning("checkpoint.dir %s is on an object store, where no lock guards it: make sure no "
+                    "other run uses it (two would overwrite each other's checkpoints)", run_dir)
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / "lock", "a+")
     try:
@@ -114,8 +126,11 @@ class Trainer:
         from glide_jax import parallel, training
         from glide_jax.config import ConfigError
 
+        from train import metrics
+
+        metrics.check_config(cfg.log)
         self.cfg, self.raw = cfg, raw
-        self.run_dir = Path(cfg.checkpoint.dir).absolute()
+        self.run_dir = paths.absolute(cfg.checkpoint.dir)
         # The primary process speaks for the run (the others may share its filesystem).
         self.run_lock = lock_run_dir(self.run_dir) if jax.process_index() == 0 else None
         self.mesh = parallel.make_mesh(cfg.mesh.fsdp)
@@ -156,7 +171,7 @@ class Trainer:
         self.train_step = training.make_train_step(
             self.task, self.optimizer, self.mesh, self.shardings, ema_rate=cfg.ema_rate, ema_debias=cfg.ema_debias,
             grad_accum=cfg.batch.grad_accum, lr_schedule=self.lr_schedule, frozen=cfg.optimizer.frozen)
-        self.metrics_path = Path(cfg.log.metrics_file) if cfg.log.metrics_file else self.run_dir / "metrics.jsonl"
+        self.metrics_path = paths.as_path(cfg.log.metrics_file) if cfg.log.metrics_file else self.run_dir / "metrics.jsonl"
         self.sampler = None
         if cfg.sample.every:
             from train.preview import PreviewSampler
@@ -166,15 +181,15 @@ class Trainer:
 
     def _model_config(self):
         """The model's config: inline, from a file, or (fine-tuning without one) the checkpoint's."""
-        from glide_jax.config import ModelConfig, read_json_object
+        from glide_jax.config import ModelConfig
 
         cfg = self.cfg
         options = cfg.model
         if isinstance(options, str):
-            options = read_json_object(options, "model")
+            options = paths.read_json_object(options, "model")
         if options is None:
             from glide_jax import checkpoint
-            options = read_json_object(Path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
+            options = paths.read_json_object(paths.as_path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
         if cfg.model_kind == "clip":
             from glide_jax.clip import ClipConfig
             return ClipConfig.from_dict(options, source="model")
@@ -184,14 +199,13 @@ class Trainer:
         """Fine-tuning an eps model into a v model (or back) is legitimate (the demo base was made
         so), but the same params then mean something else, so it is said out loud, not silent."""
         from glide_jax import checkpoint
-        from glide_jax.config import read_json_object
 
         if self.cfg.model_kind == "clip":
             return
-        saved = Path(self.cfg.init_from) / checkpoint.CONFIG_FILE
+        saved = paths.as_path(self.cfg.init_from) / checkpoint.CONFIG_FILE
         if not saved.is_file():
             return
-        before = read_json_object(saved, "init_from").get("prediction", "eps")
+        before = paths.read_json_object(saved, "init_from").get("prediction", "eps")
         if before != self.model_config.prediction:
             log.warning("init_from %s predicts %s but this run trains prediction=%s: the output head's "
                         "meaning changes, so expect a higher loss at first", self.cfg.init_from, before,
@@ -372,10 +386,10 @@ class Trainer:
             log.info("already at step %d of %d; nothing to do", start, total)
             return
         primary = parallel.is_primary()
-        metrics_file = None
+        writer = None
         if primary:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            metrics_file = open(self.metrics_path, "a")
+            from train.metrics import MetricsWriter
+            writer = MetricsWriter(cfg.log, self.run_dir, self.metrics_path, self.raw, start_step=start)
         log.info("training %s: %d devices, %d processes, global batch %d (%d per process), steps %d -> %d",
                  cfg.model_kind, self.mesh.size, jax.process_count(), self.global_batch, self.local_batch,
                  start, total)
@@ -413,24 +427,25 @@ class Trainer:
                     eta = (now - run_start) / (step - run_first) * (total - step) if step > run_first else None
                     record = self._log_record(step, window, rate, eta)
                     if primary:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                        writer.log(record)
                     window, window_start, window_first = [], time.perf_counter(), step
                 if step % cfg.checkpoint.every == 0 or step == total:
                     settle()       # never checkpoint a state whose loss was not finite
                     self.save(step)
                 if self.sampler is not None and (step % cfg.sample.every == 0 or step == total):
-                    self.sampler.write(step)
+                    self.sampler.write(step, writer)
             settle()
             if primary:
                 checksum = training.params_checksum(self.state.params)
-                metrics_file.write(json.dumps({"event": "done", "step": total, "params_checksum": checksum,
-                                               "process": jax.process_index()}) + "\n")
+                writer.event({"event": "done", "step": total, "params_checksum": checksum,
+                              "process": jax.process_index()})
             log.info("done: step %d, params checksum %.9g", total, training.params_checksum(self.state.params))
         finally:
-            if metrics_file is not None:
-                metrics_file.close()
-            self.manager.wait_until_finished()
+            try:
+                self.manager.wait_until_finished()
+            finally:
+                if writer is not None:
+                    writer.close()
 
     def _log_record(self, step, window, images_per_sec, eta_s) -> dict:
         means = {k: float(np.mean([m[k] for m in window])) for k in window[0]} if window else {}
