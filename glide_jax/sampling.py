@@ -250,11 +250,9 @@ def dpm_solver_pp_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape,
     better, and no worse than DDIM for small s. 2S's last pair has its midpoint inside, so it needs
     no such step.
 
-    `stochastic` solves the reverse SDE instead of the ODE (2M only, "dpm++2m-sde"): each step
-    adds fresh noise, drawn from `key` as `ddpm_sample` draws it, or taken from `step_noise`
-    (S, B, H, W, C) in sampling order. Like DDPM and unlike the ODE it forgets part of x_T at
-    every step, which on the demo models costs less accuracy at few steps than the ODE does (see
-    bench/README).
+    `stochastic` solves the reverse SDE instead (2M only, "dpm++2m-sde"): fresh noise each step,
+    drawn from `key` as `ddpm_sample` draws it, or `step_noise` (S, B, H, W, C) in sampling order.
+    On the demo models it keeps DDPM's accuracy at few steps, which the ODE does not (bench/README).
 
     Returns the sample, and with `return_trajectory` also the point after every step, (S, B, H, W, C).
     """
