@@ -2,7 +2,7 @@
 
 Data path::
 
-    source (folder | tar shards | a registered plugin kind, e.g. the demo's procedural shapes)
+    source (folder | tar shards | jsonl | a registered plugin kind, e.g. the demo's shapes)
       -> grain: record indices, shuffled per epoch (index_shuffle), repeated forever
       -> example at global position p: decode, resize shorter side, centre crop, [-1, 1], extras
       -> grain: global batch k = positions [k*G, (k+1)*G); process i takes its contiguous slice
@@ -198,13 +198,14 @@ def _fingerprint(kind: str, keys: Iterable[str]) -> str:
     return f"{kind}:{n}:{digest.hexdigest()[:16]}"
 
 
-def _read_file(path: Path, missing_reason: str, what: str) -> bytes:
+def _read_file(path: Path, missing_reason: str, what: str, context: str = "") -> bytes:
+    """A file's bytes; `context` prefixes the messages (e.g. the jsonl line naming the file)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise SkipExample(missing_reason, f"{path}: no {what} file") from None
+        raise SkipExample(missing_reason, f"{context}{path}: no {what} file") from None
     except OSError as e:
-        raise SkipExample("unreadable_file", f"{path}: {e}") from None
+        raise SkipExample("unreadable_file", f"{context}{path}: {e}") from None
 
 
 class FolderSource(Source):
@@ -266,7 +267,7 @@ def _tar_members(path: Path, what: str) -> list[tarfile.TarInfo]:
                         "compressed shards are not supported, decompress them first") from None
 
 
-def _read_member(shard: Path, member: tuple[str, int, int]) -> bytes:
+def _read_member(shard: Path, member: tuple[str, int, int], context: str = "") -> bytes:
     """A member's bytes, read at its offset: tar members are never extracted or followed."""
     name, offset, size = member
     try:
@@ -274,9 +275,9 @@ def _read_member(shard: Path, member: tuple[str, int, int]) -> bytes:
             f.seek(offset)
             data = f.read(size)
     except OSError as e:
-        raise SkipExample("unreadable_file", f"{shard}:{name}: {e}") from None
+        raise SkipExample("unreadable_file", f"{context}{shard}:{name}: {e}") from None
     if len(data) != size:
-        raise SkipExample("corrupt_image", f"{shard}:{name}: truncated member")
+        raise SkipExample("corrupt_image", f"{context}{shard}:{name}: truncated member")
     return data
 
 
@@ -357,6 +358,131 @@ class TarSource(Source):
         return _fingerprint("tar", (f"{r.shard}/{r.key}" for r in self.records))
 
 
+@dataclasses.dataclass(frozen=True)
+class _JsonlRecord:
+    where: str                                      # "<file>:<line>", for messages
+    image: Path | tuple[str, int, int] | None = None   # a file, or (member, offset, size) in `tar`
+    tar: Path | None = None
+    captions: tuple[str, ...] = ()
+    problem: tuple[str, str] | None = None          # (reason, detail): the line is never usable
+
+
+class JsonlSource(Source):
+    """Records listed in JSON-lines files, one JSON object per line::
+
+        {"image": "images/cat.jpg", "caption": "a cat on a mat"}
+        {"image": "000017.jpg", "tar": "shards/00000.tar", "caption": ["a cat", "a tabby cat"]}
+
+    `image` is a path relative to the directory holding the jsonl file, or, with `tar` (a shard
+    path relative to that directory), the name of a member of that uncompressed tar. `caption` is
+    a string or a list of strings (one is chosen per example). Other keys are ignored, so
+    metadata can ride along; blank lines are skipped.
+
+    A line that is not such an object, names an absolute or `..` path, or a tar member that is
+    missing or unsafe (see `TarSource`), stays a record and is a counted skip when met; a
+    missing image file likewise. A tar that does not exist, or files without a single valid line,
+    are a DataError. Paths are checked as written (a symlink inside the tree is followed, as the
+    folder source follows them); tar members are only ever read at their offsets."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise DataError("jsonl source: 'path' names no file")
+        self._tars: dict[Path, dict[str, tarfile.TarInfo]] = {}
+        self.records: list[_JsonlRecord] = []
+        for path in self.paths:
+            self.records.extend(self._read(path))
+        if not self.records:
+            raise DataError(f"jsonl source: no records in {', '.join(map(str, self.paths))}")
+        if all(r.problem for r in self.records):
+            raise DataError(f"jsonl source: no valid line in {', '.join(map(str, self.paths))}; the first: "
+                            f"{self.records[0].problem[1]} (expected objects like "
+                            '{"image": "a.jpg", "caption": "..."})')
+        del self._tars   # only needed while indexing; keeps the pickled source small
+
+    def _read(self, path: Path) -> list[_JsonlRecord]:
+        if not path.is_file():
+            raise DataError(f"jsonl source: {path} does not exist")
+        records = []
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(self._record(path, number, line))
+        return records
+
+    def _record(self, path: Path, number: int, line: bytes) -> _JsonlRecord:
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return _JsonlRecord(where, problem=("invalid_record", f"{where}: not a JSON line ({e})"))
+        problem = _jsonl_entry_problem(entry)
+        if problem:
+            return _JsonlRecord(where, problem=("invalid_record", f"{where}: {problem}"))
+        captions = (entry["caption"],) if isinstance(entry["caption"], str) else tuple(entry["caption"])
+        for name in ("image", "tar"):
+            if name in entry and _unsafe_path(entry[name]):
+                return _JsonlRecord(where, problem=("unsafe_path", f"{where}: {name} {entry[name]!r} is an "
+                                                                   "absolute or '..' path"))
+        if "tar" not in entry:
+            return _JsonlRecord(where, path.parent / entry["image"], None, captions)
+        shard = path.parent / entry["tar"]
+        if shard not in self._tars:
+            self._tars[shard] = {m.name: m for m in _tar_members(shard, f"jsonl source ({where})")}
+        member = self._tars[shard].get(entry["image"])
+        if member is None:
+            return _JsonlRecord(where, problem=("missing_image", f"{where}: {shard} has no member "
+                                                                 f"{entry['image']!r}"))
+        unsafe = _unsafe_member(member)
+        if unsafe:
+            return _JsonlRecord(where, problem=("unsafe_member", f"{where}: {shard} member {member.name!r} "
+                                                                 f"{unsafe}"))
+        return _JsonlRecord(where, (member.name, member.offset_data, member.size), shard, captions)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index, epoch, image_size, rng):
+        rec = self.records[index]
+        if rec.problem:
+            raise SkipExample(*rec.problem)
+        captions = [c.strip() for c in rec.captions if c.strip()]
+        if not captions:
+            raise SkipExample("missing_caption", f"{rec.where}: caption is empty")
+        caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+        if rec.tar is None:
+            data = _read_file(rec.image, "missing_image", "image", f"{rec.where}: ")
+            name = f"{rec.where}: {rec.image}"
+        else:
+            data = _read_member(rec.tar, rec.image, f"{rec.where}: ")
+            name = f"{rec.where}: {rec.tar}:{rec.image[0]}"
+        return decode_image(data, name), caption
+
+    def fingerprint(self) -> str:
+        return _fingerprint("jsonl", (f"{r.where}:{r.image}" for r in self.records))
+
+
+def _jsonl_entry_problem(entry: Any) -> str | None:
+    """What is wrong with a parsed jsonl line, or None."""
+    if not isinstance(entry, dict):
+        return f"a line must be a JSON object, got {type(entry).__name__}"
+    if not isinstance(entry.get("image"), str) or not entry["image"]:
+        return "'image' must be a non-empty string (a path, or a member name with 'tar')"
+    if "tar" in entry and (not isinstance(entry["tar"], str) or not entry["tar"]):
+        return "'tar' must be a non-empty string (a shard path)"
+    caption = entry.get("caption")
+    if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                         and all(isinstance(c, str) for c in caption))):
+        return "'caption' must be a string or a non-empty list of strings"
+    return None
+
+
+def _unsafe_path(name: str) -> bool:
+    return Path(name).is_absolute() or ".." in Path(name).parts
+
+
 # -- the registry of source kinds ----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +513,7 @@ def make_source(spec: dict[str, Any]) -> Source:
 
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
+    * `{"kind": "jsonl", "path": "data/train.jsonl"}` (a list, or a glob pattern; see JsonlSource)
     * any kind a plugin registered (`register_source`), e.g. the demo's "shapes" (`demo.sources`)
     """
     if not isinstance(spec, dict):
@@ -427,8 +554,15 @@ def _tar_source(spec: dict[str, Any]) -> TarSource:
     return TarSource(_paths(spec, "shards", "tar"))
 
 
+def _jsonl_source(spec: dict[str, Any]) -> JsonlSource:
+    if "path" not in spec:
+        raise DataError("jsonl data source needs 'path' (a .jsonl file, a list of them or a glob pattern)")
+    return JsonlSource(_paths(spec, "path", "jsonl"))
+
+
 register_source("folder", _folder_source, keys=("path",))
 register_source("tar", _tar_source, keys=("shards",))
+register_source("jsonl", _jsonl_source, keys=("path",))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------

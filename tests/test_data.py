@@ -147,6 +147,54 @@ def test_tar_shards_group_members_by_key(tmp_path):
         D.TarSource([tmp_path / "missing.tar"])
 
 
+def test_jsonl_lines_name_images_beside_them_or_in_a_tar(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "shards").mkdir()
+    Image.new("RGB", (12, 10), (255, 0, 0)).save(tmp_path / "images" / "red.png")
+    Image.new("RGB", (12, 10), (0, 0, 255)).save(tmp_path / "images" / "blue.jpg")
+    _make_shard(tmp_path / "shards" / "s0.tar", [("g/000.png", _png_bytes((0, 255, 0)))])
+    lines = [
+        {"image": "images/red.png", "caption": "red", "width": 12},   # other keys ride along
+        {"image": "g/000.png", "tar": "shards/s0.tar", "caption": ["green", "a green one"]},
+        {"image": "images/blue.jpg", "caption": " blue "},
+        {"image": "images/missing.png", "caption": "gone"},
+        {"image": "nope.png", "tar": "shards/s0.tar", "caption": "no such member"},
+        {"image": "images/red.png", "caption": ["", "  "]},
+        {"image": "images/red.png"},
+        ["not", "an", "object"],
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n{broken json\n")
+    source = D.make_source({"kind": "jsonl", "path": str(tmp_path / "*.jsonl")})
+    assert len(source) == 9   # the blank line is no record
+    expected = {3: ("missing_image", r"train\.jsonl:4: .*missing\.png: no image file"),
+                4: ("missing_image", r"train\.jsonl:5: .*s0\.tar has no member 'nope\.png'"),
+                5: ("missing_caption", r"train\.jsonl:6: caption is empty"),
+                6: ("invalid_record", r"train\.jsonl:7: 'caption' must be a string or a non-empty list"),
+                7: ("invalid_record", r"train\.jsonl:8: a line must be a JSON object, got list"),
+                8: ("invalid_record", r"train\.jsonl:10: not a JSON line")}
+    for index, (reason, message) in expected.items():
+        with pytest.raises(D.SkipExample, match=message) as info:
+            source.load(index, 0, 8, np.random.default_rng(0))
+        assert info.value.reason == reason
+    batch = next(D.DataLoader(source, batch_size=9, image_size=8, seed=0, prefetch=0))   # one epoch
+    colours = {caption: tuple(D.to_uint8(image)[4, 4]) for caption, image in zip(batch["captions"], batch["images"])}
+    assert {"red", "blue"} <= set(colours) <= {"red", "blue", "green", "a green one"}
+    assert colours["red"][0] > 240 and colours["blue"][2] > 240
+    assert all(colours[c] == (0, 255, 0) for c in ("green", "a green one") if c in colours)
+    assert set(colours) & {"green", "a green one"}
+
+    with pytest.raises(D.DataError, match="needs 'path'"):
+        D.make_source({"kind": "jsonl"})
+    with pytest.raises(D.DataError, match="nope.jsonl does not exist"):
+        D.make_source({"kind": "jsonl", "path": [str(tmp_path / "nope.jsonl")]})
+    (tmp_path / "bad.jsonl").write_text('{"img": "a.png", "text": "x"}\n')
+    with pytest.raises(D.DataError, match="no valid line in .*bad.jsonl; the first: .*bad.jsonl:1: 'image' must be"):
+        D.JsonlSource([tmp_path / "bad.jsonl"])
+    (tmp_path / "lost.jsonl").write_text('{"image": "a.png", "tar": "gone.tar", "caption": "x"}\n')
+    with pytest.raises(D.DataError, match="lost.jsonl:1.*shard .*gone.tar does not exist"):
+        D.JsonlSource([tmp_path / "lost.jsonl"])
+
+
 def test_make_source_errors_name_the_bad_key(tmp_path):
     with pytest.raises(D.DataError, match="'kind'"):
         D.make_source({"kind": "lmdb"})
@@ -165,9 +213,9 @@ def test_make_source_errors_name_the_bad_key(tmp_path):
 
 
 def test_source_kinds_come_from_a_registry_that_plugins_extend(tmp_path):
-    assert {"folder", "tar", "shapes"} <= set(D.registered_sources())
+    assert {"folder", "tar", "jsonl", "shapes"} <= set(D.registered_sources())
     with pytest.raises(D.DataError, match="data source 'kind' 'webdataset' is not registered; registered kinds: "
-                                          "\\[.*'folder', 'shapes', 'tar'.*\\] \\(a plugin module registers more"):
+                                          "\\[.*'folder', 'jsonl', 'shapes', 'tar'.*\\] \\(a plugin module registers more"):
         D.make_source({"kind": "webdataset"})
 
     class Constant(D.Source):

@@ -43,6 +43,9 @@ class DataSection:
     # The records (glide_jax.data.make_source), by kind:
     #   {"kind": "folder", "path": "data/train"}        images with same-name .txt captions
     #   {"kind": "tar", "shards": "data/*.tar"}         webdataset-style uncompressed tar shards
+    #   {"kind": "jsonl", "path": "data/train.jsonl"}   one {"image": ..., "caption": ...} per line, the
+    #       image a path relative to the jsonl file or, with "tar": "<shard>", a member of that shard
+    #       (glide_jax.data.JsonlSource); a list of files or a glob pattern reads several
     #   {"kind": "shapes", ...}                         the demo's procedural scenes (plugin "demo")
     source: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
     # Modules imported before the source is made, which register more source kinds
