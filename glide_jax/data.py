@@ -10,7 +10,7 @@ Data path::
       -> {"images": (B, H, W, 3) float32, "captions": list[str], extras}
 
 Everything random about the example at global position p (which record, which caption line, the
-degradations, the mask) is a function of `(seed, p)` alone, so the global batch at step k is the
+degradations, the mask) is a function of the seed and p alone, so the global batch at step k is the
 same for any number of processes, worker processes or prefetch threads; each process gets rows
 `[i*B, (i+1)*B)` of it (B = the per-process batch). `DataLoader.state()` is a JSON-able dict
 holding grain's own iterator state (`get_state()`), and `DataLoader(..., state=...)` continues
@@ -680,8 +680,13 @@ def _grain_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _example_rng(seed: int, position: int, attempt: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([seed, position, attempt, purpose])
+def _example_rng(seed: int, epoch: int, index: int, purpose: int, refill_at: int | None = None
+                 ) -> np.random.Generator:
+    """The generator of one example's draws. A record in its own slot is keyed as the loader
+    before grain keyed it, so an unshuffled source (the demo's shapes) gives the same stream; a
+    record refilling another slot (`refill_at`, that slot's position) draws afresh there."""
+    key = [seed, epoch, index, purpose] + ([] if refill_at is None else [refill_at])
+    return np.random.default_rng(key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -726,7 +731,8 @@ class _ExampleMaker(grain.transforms.MapWithIndex):
     def make(self, index: int, epoch: int, position: int, attempt: int) -> dict:
         """The example of record `index` at `position`; SkipExample if the record is unusable."""
         size = self.image_size
-        image, caption = self.source.load(index, epoch, size, _example_rng(self.seed, position, attempt, 0))
+        refill_at = position if attempt else None
+        image, caption = self.source.load(index, epoch, size, _example_rng(self.seed, epoch, index, 0, refill_at))
         if isinstance(image, Image.Image):
             pixels = resize_and_crop(image, size)
         else:
@@ -736,9 +742,9 @@ class _ExampleMaker(grain.transforms.MapWithIndex):
         example = {"images": to_float(pixels), "captions": caption}
         if self.negatives:
             # The generator `load` phrased the caption with, from the start: the same phrasing.
-            negative = self.source.negative_caption(index, epoch, _example_rng(self.seed, position, attempt, 0))
+            negative = self.source.negative_caption(index, epoch, _example_rng(self.seed, epoch, index, 0, refill_at))
             example["negative_captions"] = negative or ""
-        extra_rng = _example_rng(self.seed, position, attempt, 1)
+        extra_rng = _example_rng(self.seed, epoch, index, 1, refill_at)
         if self.low_res_size is not None:
             example["low_res"] = degrade_low_res(example["images"], size // self.low_res_size, extra_rng,
                                                  self.degradation)
