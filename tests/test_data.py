@@ -378,7 +378,7 @@ def test_the_global_batch_is_the_same_for_any_process_count_and_worker_count(fol
                   degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
     one = D.DataLoader(source, batch_size=6, prefetch=2, **extras)
     want = [next(one) for _ in range(6)]   # spans epochs of 15
-    for count, workers in ((2, 0), (3, 0), (2, 2)):
+    for count, workers in ((2, 0), (3, 0), (2, 1)):
         processes = [D.DataLoader(source, batch_size=6 // count, host_index=i, host_count=count, prefetch=1,
                                   workers=workers if i == 0 else 0, **extras) for i in range(count)]
         for step, batch in enumerate(want):
@@ -390,7 +390,7 @@ def test_the_global_batch_is_the_same_for_any_process_count_and_worker_count(fol
         D.DataLoader(source, batch_size=1, image_size=8, host_index=3, host_count=3)
 
 
-@pytest.mark.parametrize("stop_at,workers,resume_workers", [(1, 0, 0), (4, 0, 0), (7, 0, 0), (4, 2, 2), (5, 2, 0)])
+@pytest.mark.parametrize("stop_at,workers,resume_workers", [(1, 0, 0), (4, 0, 0), (7, 0, 0), (4, 2, 2), (5, 1, 0)])
 def test_resume_yields_exactly_the_uninterrupted_batches(folder, stop_at, workers, resume_workers):
     source = D.FolderSource(folder)
     kwargs = dict(batch_size=3, image_size=8, seed=9, prefetch=3, low_res_size=4, masks=M.MaskConfig(),
@@ -442,7 +442,7 @@ def test_restore_rejects_a_state_from_another_stream(folder):
                           state=dict(state, grain={"next": 3})))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_a_source_with_no_usable_record_fails_clearly(tmp_path, workers):
     (tmp_path / "a.png").write_bytes(b"not a png")
     (tmp_path / "a.txt").write_text("x")
@@ -458,7 +458,7 @@ def test_worker_processes_give_the_same_batches_and_skips(folder):
                   masks=M.MaskConfig(), degradation=D.Degradation(blur_prob=0.5, jpeg_prob=0.5, noise_prob=0.5))
     inline, pooled = D.DataLoader(source, **kwargs), D.DataLoader(source, workers=2, **kwargs)
     shapes = [D.DataLoader(ShapesSource(seed=2, epoch_size=7), batch_size=3, image_size=8, seed=1, workers=w,
-                           masks=M.MaskConfig(object_weight=1.0)) for w in (0, 2)]
+                           masks=M.MaskConfig(object_weight=1.0)) for w in (0, 1)]
     for _ in range(10):   # several epochs of 15 and of 7 records
         _same_batches(next(pooled), next(inline))
         assert pooled.stats == inline.stats and pooled.state()["batches"] == inline.state()["batches"]
