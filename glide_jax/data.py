@@ -14,7 +14,8 @@ degradations, the mask) is a function of the seed and p alone, so the global bat
 same for any number of processes, worker processes or prefetch threads; each process gets rows
 `[i*B, (i+1)*B)` of it (B = the per-process batch). `DataLoader.state()` is a JSON-able dict
 holding grain's own iterator state (`get_state()`), and `DataLoader(..., state=...)` continues
-the stream exactly where it stopped: the batches after a resume are the uninterrupted run's.
+the stream exactly where it stopped, with the same or another number of worker processes: the
+batches after a resume are the uninterrupted run's.
 
 A record that cannot be used (a corrupt image, an image without caption, a caption without
 image, an unsafe tar member or path) is skipped, counted in `DataLoader.stats` (and in the saved
