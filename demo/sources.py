@@ -70,9 +70,6 @@ class ShapesSource(Source):
     def __len__(self):
         return self.epoch_size
 
-    def groups(self):
-        return [(0, self.epoch_size)]
-
     def scene(self, index: int, epoch: int) -> shapes_lib.Scene:
         return shapes_lib.scene_at(self.seed, epoch * self.epoch_size + index, self.split,
                                    (), self.extra_shape_kinds)

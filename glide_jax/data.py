@@ -1,29 +1,35 @@
-"""Image-caption sources and a resumable, sharded, prefetching batch loader for training.
+"""Image-caption sources and the training batch pipeline, built on grain.
 
 Data path::
 
-    source (folder | tar shards | a registered plugin kind, e.g. the demo's procedural shapes)
-      -> per-epoch order (seeded shuffle of records / shards) -> this host's share
-      -> seeded shuffle buffer -> decode, resize shorter side, centre crop, [-1, 1]
-      -> fixed-size batches {"images": (B, H, W, 3) float32, "captions": list[str]}
+    source (folder | tar shards | jsonl | a registered plugin kind, e.g. the demo's shapes)
+      -> grain: record indices, shuffled per epoch (index_shuffle), repeated forever
+      -> example at global position p: decode, resize shorter side, centre crop, [-1, 1], extras
+      -> grain: global batch k = positions [k*G, (k+1)*G); process i takes its contiguous slice
+      -> grain: thread prefetch, optional worker processes (mp_prefetch)
+      -> {"images": (B, H, W, 3) float32, "captions": list[str], extras}
 
-Everything up to decoding works on record indices only, so the order of an epoch is a pure
-function of `(seed, epoch, host_index, host_count)` and cheap to recompute. The loader's
-position is `(epoch, records consumed in this epoch)`; `DataLoader.state()` returns it as a
-JSON-able dict and `DataLoader(..., state=...)` / `restore(state)` continues the stream exactly
-where it stopped: the batches after a resume are identical to the uninterrupted run's, with or
-without the prefetch thread and for any number of worker processes.
+Everything random about the example at global position p (which record, which caption line, the
+degradations, the mask) is a function of the seed and p alone, so the global batch at step k is the
+same for any number of processes, worker processes or prefetch threads; each process gets rows
+`[i*B, (i+1)*B)` of it (B = the per-process batch). `DataLoader.state()` is a JSON-able dict
+holding grain's own iterator state (`get_state()`), and `DataLoader(..., state=...)` continues
+the stream exactly where it stopped, with the same or another number of worker processes: the
+batches after a resume are the uninterrupted run's.
 
-Records that cannot be used (a corrupt image, an image without caption, a caption without
-image) are skipped, counted in `DataLoader.stats` (and in the saved state) and logged; they never
-stop training. Skips are counted each time a record is met, i.e. once per epoch.
+A record that cannot be used (a corrupt image, an image without caption, a caption without
+image, an unsafe tar member or path) is skipped, counted in `DataLoader.stats` (and in the saved
+state) and logged; it never stops training. Its slot is filled with the next usable record of a
+second seeded permutation of the epoch, so that positions, and with them the batches of every
+process, do not shift. Skips are counted each time a record is tried. An epoch with no usable
+record at all is a DataError.
 
-Optional per-example extras, deterministic from `(seed, epoch, position)` so that they too are
-identical after a resume:
+Optional per-example extras:
   * `low_res_size` + `degradation`: batch["low_res"], the upsampler's conditioning image made by
     `degrade_low_res` (area downsampling plus optional blur / JPEG / noise);
   * `masks`: batch["inpaint_mask"], inpainting masks (B, H, W, 1), 1 = keep (see
-    `glide_jax.masks`); the key and convention are those `glide_jax.training` expects.
+    `glide_jax.masks`); the key and convention are those `glide_jax.training` expects;
+  * `negatives`: batch["negative_captions"], the source's hard-negative captions ("" = none).
 
 Typical use::
 
@@ -39,18 +45,20 @@ Typical use::
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import io
+import json
 import logging
-import multiprocessing
-import queue
+import os
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -60,7 +68,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXTENSION = ".txt"
-STATE_VERSION = 1
+# 2: grain's iterator state (1 was the hand-written loader's epoch and offset).
+STATE_VERSION = 2
 
 
 class DataError(ValueError):
@@ -145,18 +154,14 @@ def _pick_caption(text: str, name: str, rng: np.random.Generator) -> str:
     return lines[int(rng.integers(len(lines)))] if len(lines) > 1 else lines[0]
 
 
-def _example_rng(seed: int, epoch: int, index: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(epoch), int(index), int(purpose)])
-
-
 # -- sources -----------------------------------------------------------------------------------
 
 class Source:
     """A finite, indexable collection of records, re-read every epoch.
 
-    Subclasses define `__len__`, `load` and optionally `groups` (contiguous index ranges that
-    are read together, e.g. tar shards) and `fingerprint` (identifies the content so that a saved
-    position is not applied to different data).
+    Subclasses define `__len__`, `load` and optionally `fingerprint` (identifies the content so
+    that a saved position is not applied to different data). `load` runs in the loader's threads
+    and worker processes, so it must be thread-safe and the source picklable.
     """
 
     shuffle = True   # False for sources whose records are already independent draws
@@ -164,15 +169,10 @@ class Source:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def groups(self) -> list[tuple[int, int]] | None:
-        """Contiguous [start, stop) ranges whose order is shuffled per epoch, or None (the
-        default) for "each record is its own group": a full permutation per epoch."""
-        return None
-
     def load(self, index: int, epoch: int, image_size: int, rng: np.random.Generator
              ) -> tuple[Image.Image | np.ndarray, str]:
         """(image, caption) of record `index`; raises SkipExample for an unusable record.
-        `rng` is private to this record and epoch (used to choose among several captions)."""
+        `rng` is private to this example (used to choose among several captions)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -197,6 +197,16 @@ def _fingerprint(kind: str, keys: Iterable[str]) -> str:
         digest.update(key.encode("utf-8", "surrogateescape") + b"\0")
         n += 1
     return f"{kind}:{n}:{digest.hexdigest()[:16]}"
+
+
+def _read_file(path: Path, missing_reason: str, what: str, context: str = "") -> bytes:
+    """A file's bytes; `context` prefixes the messages (e.g. the jsonl line naming the file)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SkipExample(missing_reason, f"{context}{path}: no {what} file") from None
+    except OSError as e:
+        raise SkipExample("unreadable_file", f"{context}{path}: {e}") from None
 
 
 class FolderSource(Source):
@@ -228,11 +238,7 @@ class FolderSource(Source):
         except OSError as e:
             raise SkipExample("unreadable_file", f"{caption_path}: {e}") from None
         caption = _pick_caption(text, str(caption_path), rng)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise SkipExample("unreadable_file", f"{path}: {e}") from None
-        return decode_image(data, str(path)), caption
+        return decode_image(_read_file(path, "missing_image", "image"), str(path)), caption
 
     def fingerprint(self) -> str:
         return _fingerprint("folder", (p.relative_to(self.root).as_posix() for p in self.images))
@@ -249,6 +255,33 @@ def _unsafe_member(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _tar_members(path: Path, what: str) -> list[tarfile.TarInfo]:
+    """The members (directories left out) of an uncompressed tar; `what` names the source."""
+    if not path.is_file():
+        raise DataError(f"{what}: shard {path} does not exist")
+    try:
+        # 'r:' (no compression) because members are read by seeking to their offsets.
+        with tarfile.open(path, "r:") as tar:
+            return [m for m in tar.getmembers() if not m.isdir()]
+    except tarfile.ReadError as e:
+        raise DataError(f"{what}: cannot read {path} as an uncompressed tar ({e}); "
+                        "compressed shards are not supported, decompress them first") from None
+
+
+def _read_member(shard: Path, member: tuple[str, int, int], context: str = "") -> bytes:
+    """A member's bytes, read at its offset: tar members are never extracted or followed."""
+    name, offset, size = member
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise SkipExample("unreadable_file", f"{context}{shard}:{name}: {e}") from None
+    if len(data) != size:
+        raise SkipExample("corrupt_image", f"{context}{shard}:{name}: truncated member")
+    return data
+
+
 @dataclasses.dataclass(frozen=True)
 class _TarRecord:
     shard: int
@@ -262,9 +295,8 @@ class TarSource(Source):
     """Webdataset-style uncompressed tar shards: members are grouped into records by key (the
     member path up to the first '.' of its file name: `0001.jpg` + `0001.txt` form record
     `0001`). Shards are indexed once (member offsets), records are then read by seeking, so
-    each host reads only its own records. Each shard is one group: an epoch visits shards in a
-    shuffled order and the loader's shuffle buffer mixes records across neighbouring shards.
-    Records missing the image or the caption are kept and skipped (counted) when met.
+    each process reads only its own records, in any order. Records missing the image or the
+    caption are kept and skipped (counted) when met.
 
     Members are only ever read at their offset inside the shard, never extracted, so nothing is
     written anywhere. A record with a member whose name is absolute or climbs out with `..`, or
@@ -279,28 +311,16 @@ class TarSource(Source):
         if not self.shards:
             raise DataError("tar source: 'shards' is empty")
         self.records: list[_TarRecord] = []
-        self._groups: list[tuple[int, int]] = []
         for i, path in enumerate(self.shards):
-            start = len(self.records)
             self.records.extend(self._index(i, path))
-            self._groups.append((start, len(self.records)))
         if not self.records:
             raise DataError(f"tar source: no records in {len(self.shards)} shard(s)")
 
     @staticmethod
     def _index(shard: int, path: Path) -> list[_TarRecord]:
-        if not path.is_file():
-            raise DataError(f"tar source: shard {path} does not exist")
-        try:
-            # 'r:' (no compression) because records are read by seeking to member offsets.
-            with tarfile.open(path, "r:") as tar:
-                members = [m for m in tar.getmembers() if not m.isdir()]
-        except tarfile.ReadError as e:
-            raise DataError(f"tar source: cannot read {path} as an uncompressed tar ({e}); "
-                            "compressed shards are not supported, decompress them first") from None
         grouped: dict[str, dict[str, tuple[str, int, int]]] = {}
         unsafe: dict[str, str] = {}
-        for m in members:
+        for m in _tar_members(path, "tar source"):
             directory, _, base = m.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             if not dot:
@@ -321,33 +341,147 @@ class TarSource(Source):
     def __len__(self) -> int:
         return len(self.records)
 
-    def groups(self):
-        return list(self._groups)
-
-    def _read(self, shard: int, member: tuple[str, int, int]) -> bytes:
-        _, offset, size = member
-        with open(self.shards[shard], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise SkipExample("corrupt_image", f"{self.shards[shard]}:{member[0]}: truncated member")
-        return data
-
     def load(self, index, epoch, image_size, rng):
         rec = self.records[index]
-        where = f"{self.shards[rec.shard]}:{rec.key}"
+        shard = self.shards[rec.shard]
+        where = f"{shard}:{rec.key}"
         if rec.unsafe:
             raise SkipExample("unsafe_member", f"{where}: {rec.unsafe}")
         if rec.image is None:
             raise SkipExample("missing_image", f"{where}: no image member")
         if rec.caption is None:
             raise SkipExample("missing_caption", f"{where}: no .txt member")
-        text = _decode_caption(self._read(rec.shard, rec.caption), f"{where}{CAPTION_EXTENSION}")
+        text = _decode_caption(_read_member(shard, rec.caption), f"{where}{CAPTION_EXTENSION}")
         caption = _pick_caption(text, where, rng)
-        return decode_image(self._read(rec.shard, rec.image), where), caption
+        return decode_image(_read_member(shard, rec.image), where), caption
 
     def fingerprint(self) -> str:
         return _fingerprint("tar", (f"{r.shard}/{r.key}" for r in self.records))
+
+
+@dataclasses.dataclass(frozen=True)
+class _JsonlRecord:
+    where: str                                      # "<file>:<line>", for messages
+    image: Path | tuple[str, int, int] | None = None   # a file, or (member, offset, size) in `tar`
+    tar: Path | None = None
+    captions: tuple[str, ...] = ()
+    problem: tuple[str, str] | None = None          # (reason, detail): the line is never usable
+
+
+class JsonlSource(Source):
+    """Records listed in JSON-lines files, one JSON object per line::
+
+        {"image": "images/cat.jpg", "caption": "a cat on a mat"}
+        {"image": "000017.jpg", "tar": "shards/00000.tar", "caption": ["a cat", "a tabby cat"]}
+
+    `image` is a path relative to the directory holding the jsonl file, or, with `tar` (a shard
+    path relative to that directory), the name of a member of that uncompressed tar. `caption` is
+    a string or a list of strings (one is chosen per example). Other keys are ignored, so
+    metadata can ride along; blank lines are skipped.
+
+    A line that is not such an object, names an absolute or `..` path, or a tar member that is
+    missing or unsafe (see `TarSource`), stays a record and is a counted skip when met; a
+    missing image file likewise. A tar that does not exist, or files without a single valid line,
+    are a DataError. Paths are checked as written (a symlink inside the tree is followed, as the
+    folder source follows them); tar members are only ever read at their offsets."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise DataError("jsonl source: 'path' names no file")
+        self._tars: dict[Path, dict[str, tarfile.TarInfo]] = {}
+        self.records: list[_JsonlRecord] = []
+        for path in self.paths:
+            self.records.extend(self._read(path))
+        if not self.records:
+            raise DataError(f"jsonl source: no records in {', '.join(map(str, self.paths))}")
+        if all(r.problem for r in self.records):
+            raise DataError(f"jsonl source: no valid line in {', '.join(map(str, self.paths))}; the first: "
+                            f"{self.records[0].problem[1]} (expected objects like "
+                            '{"image": "a.jpg", "caption": "..."})')
+        del self._tars   # only needed while indexing; keeps the pickled source small
+
+    def _read(self, path: Path) -> list[_JsonlRecord]:
+        if not path.is_file():
+            raise DataError(f"jsonl source: {path} does not exist")
+        records = []
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(self._record(path, number, line))
+        return records
+
+    def _record(self, path: Path, number: int, line: bytes) -> _JsonlRecord:
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return _JsonlRecord(where, problem=("invalid_record", f"{where}: not a JSON line ({e})"))
+        problem = _jsonl_entry_problem(entry)
+        if problem:
+            return _JsonlRecord(where, problem=("invalid_record", f"{where}: {problem}"))
+        captions = (entry["caption"],) if isinstance(entry["caption"], str) else tuple(entry["caption"])
+        for name in ("image", "tar"):
+            if name in entry and _unsafe_path(entry[name]):
+                return _JsonlRecord(where, problem=("unsafe_path", f"{where}: {name} {entry[name]!r} is an "
+                                                                   "absolute or '..' path"))
+        if "tar" not in entry:
+            return _JsonlRecord(where, path.parent / entry["image"], None, captions)
+        shard = path.parent / entry["tar"]
+        if shard not in self._tars:
+            self._tars[shard] = {m.name: m for m in _tar_members(shard, f"jsonl source ({where})")}
+        member = self._tars[shard].get(entry["image"])
+        if member is None:
+            return _JsonlRecord(where, problem=("missing_image", f"{where}: {shard} has no member "
+                                                                 f"{entry['image']!r}"))
+        unsafe = _unsafe_member(member)
+        if unsafe:
+            return _JsonlRecord(where, problem=("unsafe_member", f"{where}: {shard} member {member.name!r} "
+                                                                 f"{unsafe}"))
+        return _JsonlRecord(where, (member.name, member.offset_data, member.size), shard, captions)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index, epoch, image_size, rng):
+        rec = self.records[index]
+        if rec.problem:
+            raise SkipExample(*rec.problem)
+        captions = [c.strip() for c in rec.captions if c.strip()]
+        if not captions:
+            raise SkipExample("missing_caption", f"{rec.where}: caption is empty")
+        caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+        if rec.tar is None:
+            data = _read_file(rec.image, "missing_image", "image", f"{rec.where}: ")
+            name = f"{rec.where}: {rec.image}"
+        else:
+            data = _read_member(rec.tar, rec.image, f"{rec.where}: ")
+            name = f"{rec.where}: {rec.tar}:{rec.image[0]}"
+        return decode_image(data, name), caption
+
+    def fingerprint(self) -> str:
+        return _fingerprint("jsonl", (f"{r.where}:{r.image}" for r in self.records))
+
+
+def _jsonl_entry_problem(entry: Any) -> str | None:
+    """What is wrong with a parsed jsonl line, or None."""
+    if not isinstance(entry, dict):
+        return f"a line must be a JSON object, got {type(entry).__name__}"
+    if not isinstance(entry.get("image"), str) or not entry["image"]:
+        return "'image' must be a non-empty string (a path, or a member name with 'tar')"
+    if "tar" in entry and (not isinstance(entry["tar"], str) or not entry["tar"]):
+        return "'tar' must be a non-empty string (a shard path)"
+    caption = entry.get("caption")
+    if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                         and all(isinstance(c, str) for c in caption))):
+        return "'caption' must be a string or a non-empty list of strings"
+    return None
+
+
+def _unsafe_path(name: str) -> bool:
+    return Path(name).is_absolute() or ".." in Path(name).parts
 
 
 # -- the registry of source kinds ----------------------------------------------------------------
@@ -380,6 +514,7 @@ def make_source(spec: dict[str, Any]) -> Source:
 
     * `{"kind": "folder", "path": "data/train"}`
     * `{"kind": "tar", "shards": ["data/00000.tar", ...]}` (a string is a glob pattern)
+    * `{"kind": "jsonl", "path": "data/train.jsonl"}` (a list, or a glob pattern; see JsonlSource)
     * any kind a plugin registered (`register_source`), e.g. the demo's "shapes" (`demo.sources`)
     """
     if not isinstance(spec, dict):
@@ -395,6 +530,19 @@ def make_source(spec: dict[str, Any]) -> Source:
     return _SOURCES[kind].factory(spec)
 
 
+def _paths(spec: dict[str, Any], key: str, kind: str) -> list[Path]:
+    """spec[key] as a list of paths: a list as given, a string as a glob pattern."""
+    value = spec[key]
+    if isinstance(value, str):
+        paths = sorted(Path(p) for p in glob.glob(value))
+        if not paths:
+            raise DataError(f"{kind} data source: {key!r} pattern {value!r} matches no file")
+        return paths
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise DataError(f"{kind} data source: {key!r} must be a list of paths or a glob pattern, got {value!r}")
+    return [Path(p) for p in value]
+
+
 def _folder_source(spec: dict[str, Any]) -> FolderSource:
     if "path" not in spec:
         raise DataError("folder data source needs 'path'")
@@ -404,20 +552,18 @@ def _folder_source(spec: dict[str, Any]) -> FolderSource:
 def _tar_source(spec: dict[str, Any]) -> TarSource:
     if "shards" not in spec:
         raise DataError("tar data source needs 'shards' (a list of paths or a glob pattern)")
-    shards = spec["shards"]
-    if isinstance(shards, str):
-        pattern = Path(shards)
-        shards = sorted(pattern.parent.glob(pattern.name))
-        if not shards:
-            raise DataError(f"tar data source: 'shards' pattern {spec['shards']!r} matches no file")
-    elif not isinstance(shards, (list, tuple)):
-        raise DataError(f"tar data source: 'shards' must be a list or a glob pattern, got "
-                        f"{type(shards).__name__}")
-    return TarSource(shards)
+    return TarSource(_paths(spec, "shards", "tar"))
+
+
+def _jsonl_source(spec: dict[str, Any]) -> JsonlSource:
+    if "path" not in spec:
+        raise DataError("jsonl data source needs 'path' (a .jsonl file, a list of them or a glob pattern)")
+    return JsonlSource(_paths(spec, "path", "jsonl"))
 
 
 register_source("folder", _folder_source, keys=("path",))
 register_source("tar", _tar_source, keys=("shards",))
+register_source("jsonl", _jsonl_source, keys=("path",))
 
 
 # -- upsampler conditioning ---------------------------------------------------------------------
@@ -522,39 +668,33 @@ def degrade_low_res(images_hr: np.ndarray, factor: int, rng: np.random.Generator
     return result[0] if single else result
 
 
-# -- the loader --------------------------------------------------------------------------------
+# -- the grain pipeline ----------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _Position:
-    epoch: int
-    offset: int    # records of this epoch's host order already consumed (used or skipped)
+# Derived seed streams: the records' order in each epoch, and the order in which a skipped
+# record's slot looks for a usable one.
+_ORDER_STREAM, _REPLACEMENT_STREAM = 0, 1
 
 
-def shuffle_buffer_order(indices: np.ndarray, buffer_size: int, rng: np.random.Generator
-                         ) -> np.ndarray:
-    """The order in which a streaming shuffle buffer of `buffer_size` emits `indices`: fill the
-    buffer, then for each incoming item emit a random slot and put the item there; finally emit
-    what is left in random order."""
-    if buffer_size <= 1 or len(indices) <= 1:
-        return np.asarray(indices)
-    n = len(indices)
-    out = np.empty(n, dtype=np.int64)
-    buf = list(indices[:buffer_size])
-    slots = rng.integers(0, len(buf), size=max(0, n - len(buf)))
-    k = 0
-    for item, j in zip(indices[len(buf):], slots):
-        out[k] = buf[j]
-        buf[j] = item
-        k += 1
-    out[k:] = rng.permutation(np.asarray(buf, dtype=np.int64))
-    return out
+def _grain_seed(seed: int, stream: int) -> int:
+    """A 32-bit seed for grain's index shuffle, hashed from the loader's seed: grain adds the
+    epoch to its seed, so seed s + 1 would otherwise replay seed s's orders one epoch later."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def _example_rng(seed: int, epoch: int, index: int, purpose: int, refill_at: int | None = None
+                 ) -> np.random.Generator:
+    """The generator of one example's draws. A record in its own slot is keyed as the loader
+    before grain keyed it, so an unshuffled source (the demo's shapes) gives the same stream; a
+    record refilling another slot (`refill_at`, that slot's position) draws afresh there."""
+    key = [seed, epoch, index, purpose] + ([] if refill_at is None else [refill_at])
+    return np.random.default_rng(key)
 
 
 @dataclasses.dataclass(frozen=True)
-class _ExampleMaker:
-    """Turns a record position into a training example; picklable, so worker processes can
-    run it. Everything it draws comes from generators seeded by the position alone, so where
-    it runs never changes the example."""
+class _ExampleMaker(grain.transforms.MapWithIndex):
+    """grain transform: (global position, record index) -> one training example. It is pickled
+    into grain's worker processes; everything it draws comes from generators seeded by the seed
+    and the position, so where and when it runs never changes the example."""
 
     source: Source
     image_size: int
@@ -563,66 +703,174 @@ class _ExampleMaker:
     degradation: Degradation
     mask_config: MaskConfig | None
     negatives: bool = False
+    replacement_seed: int = dataclasses.field(init=False)
 
-    def __call__(self, index: int, epoch: int) -> dict:
-        rng = _example_rng(self.seed, epoch, index, 0)
-        image, caption = self.source.load(index, epoch, self.image_size, rng)
+    def __post_init__(self):
+        object.__setattr__(self, "replacement_seed", _grain_seed(self.seed, _REPLACEMENT_STREAM))
+
+    def map_with_index(self, position: int, record: int) -> dict:
+        n = len(self.source)
+        epoch, slot = divmod(position, n)
+        seed = (self.replacement_seed + epoch) % 2**32
+        skipped = []
+        # Attempts 1..n walk a second permutation of the epoch from this slot on: they reach
+        # every record, and a bad record's slot does not just repeat its neighbour's record.
+        for attempt in range(n + 1):
+            index = record if attempt == 0 else grain.experimental.index_shuffle(
+                (slot + attempt) % n, max_index=n - 1, seed=seed, rounds=4)
+            try:
+                example = self.make(int(index), epoch, position, attempt)
+            except SkipExample as skip:
+                skipped.append((skip.reason, int(index), skip.detail))
+                continue
+            example["_skipped"] = skipped
+            return example
+        reasons = dict(collections.Counter(reason for reason, _, _ in skipped))
+        raise DataError(f"no usable record in epoch {epoch} of {self.source.fingerprint()}: all {n} records "
+                        f"are skipped ({reasons}); the first: {skipped[0][2]}")
+
+    def make(self, index: int, epoch: int, position: int, attempt: int) -> dict:
+        """The example of record `index` at `position`; SkipExample if the record is unusable."""
+        size = self.image_size
+        refill_at = position if attempt else None
+        image, caption = self.source.load(index, epoch, size, _example_rng(self.seed, epoch, index, 0, refill_at))
         if isinstance(image, Image.Image):
-            pixels = resize_and_crop(image, self.image_size)
+            pixels = resize_and_crop(image, size)
         else:
             pixels = np.asarray(image)
-            if pixels.shape != (self.image_size, self.image_size, 3):
-                pixels = resize_and_crop(Image.fromarray(pixels), self.image_size)
+            if pixels.shape != (size, size, 3):
+                pixels = resize_and_crop(Image.fromarray(pixels), size)
         example = {"images": to_float(pixels), "captions": caption}
         if self.negatives:
             # The generator `load` phrased the caption with, from the start: the same phrasing.
-            negative = self.source.negative_caption(index, epoch, _example_rng(self.seed, epoch, index, 0))
+            negative = self.source.negative_caption(index, epoch, _example_rng(self.seed, epoch, index, 0, refill_at))
             example["negative_captions"] = negative or ""
-        extra_rng = _example_rng(self.seed, epoch, index, 1)
+        extra_rng = _example_rng(self.seed, epoch, index, 1, refill_at)
         if self.low_res_size is not None:
-            factor = self.image_size // self.low_res_size
-            example["low_res"] = degrade_low_res(example["images"], factor, extra_rng, self.degradation)
+            example["low_res"] = degrade_low_res(example["images"], size // self.low_res_size, extra_rng,
+                                                 self.degradation)
         if self.mask_config is not None:
             boxes = self.source.object_boxes(index, epoch) if self.mask_config.object_weight > 0 else None
-            example["inpaint_mask"] = sample_mask(self.image_size, self.image_size, extra_rng,
-                                                  self.mask_config, boxes)
+            example["inpaint_mask"] = sample_mask(size, size, extra_rng, self.mask_config, boxes)
         return example
 
-    def try_make(self, index: int, epoch: int) -> dict | SkipExample:
-        try:
-            return self(index, epoch)
-        except SkipExample as skip:
-            return skip
+
+def _collate(examples: Sequence[dict]) -> dict:
+    """grain batch_fn: arrays stacked, captions as lists of str, the examples' skips joined."""
+    first = examples[0]
+    batch = {key: np.stack([e[key] for e in examples])
+             for key in ("images", "low_res", "inpaint_mask") if key in first}
+    for key in ("captions", "negative_captions"):
+        if key in first:
+            batch[key] = [e[key] for e in examples]
+    batch["_skipped"] = [skip for e in examples for skip in e["_skipped"]]
+    return batch
 
 
-_WORKER_MAKER: _ExampleMaker | None = None
+def batch_dataset(source: Source, maker: _ExampleMaker, batch_size: int, seed: int,
+                  host_index: int = 0, host_count: int = 1) -> grain.MapDataset:
+    """This process's batches as an endless grain MapDataset: element k is rows
+    [host_index * batch_size, (host_index + 1) * batch_size) of global batch k."""
+    records = grain.MapDataset.range(len(source))
+    if source.shuffle:
+        # Before repeat(): grain then draws another permutation for every epoch.
+        records = records.shuffle(seed=_grain_seed(seed, _ORDER_STREAM))
+    examples = records.repeat().map_with_index(maker)
+    # Chunks of batch_size consecutive positions; process i of P takes chunks i, i + P, ...: its
+    # k-th batch is its slice of global batch k, whatever P is. (drop_remainder: the endless
+    # stream's length is sys.maxsize, and grain sizes a batched dataset in floats otherwise.)
+    return examples.batch(batch_size, drop_remainder=True, batch_fn=_collate)[host_index::host_count]
 
 
-def _worker_init(maker: _ExampleMaker) -> None:
-    global _WORKER_MAKER
-    _WORKER_MAKER = maker
+def _check_loader_args(source: Source, batch_size, image_size, seed, host_index, host_count, prefetch,
+                       workers, low_res_size, masks, negatives) -> None:
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    if image_size <= 0:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    if seed < 0:
+        raise DataError(f"the data seed must be >= 0, got {seed}")
+    if host_count <= 0 or not 0 <= host_index < host_count:
+        raise DataError(f"need 0 <= host_index < host_count, got {host_index} and {host_count}")
+    if len(source) <= 0:
+        raise DataError(f"a {type(source).__name__} with no records cannot be read")
+    if workers < 0:
+        raise DataError(f"workers must be >= 0, got {workers}")
+    if prefetch < 0:
+        raise DataError(f"prefetch must be >= 0, got {prefetch}")
+    if low_res_size is not None and (low_res_size <= 0 or image_size % low_res_size):
+        raise DataError(f"low_res_size {low_res_size} must divide image_size {image_size}")
+    if masks is not None and masks.object_weight > 0 and type(source).object_boxes is Source.object_boxes:
+        raise DataError(f"masks.object_weight is {masks.object_weight}, but a {type(source).__name__} "
+                        "does not know where its objects are (it defines no object_boxes)")
+    if negatives and type(source).negative_caption is Source.negative_caption:
+        raise DataError(f"negative captions were asked for, but a {type(source).__name__} has none "
+                        "(it defines no negative_caption)")
 
 
-def _worker_make(chunk: list[tuple[int, int]]) -> list:
-    return [_WORKER_MAKER.try_make(index, epoch) for index, epoch in chunk]
+def _absl_flags_parsed() -> None:
+    """grain 0.2.18 reads one of its absl flags when it starts worker processes without checking
+    that absl has parsed its flags, which a program not run through absl.app never does
+    (google/grain#1355): absl is told to use its defaults, unless the program parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker init: a worker whose training process was killed (SIGKILL, the OOM killer)
+    would otherwise live on, waiting forever to hand over its next batch; it ends once orphaned."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="glide-data-orphan-watch", daemon=True).start()
+
+
+_STATE_KEYS = ("version", "batches", "start", "grain", "workers", "seed", "host_index", "host_count",
+               "batch_size", "source")
+
+
+def _check_state(state: Any, mine: dict) -> None:
+    """Refuses a data state that does not continue this loader's stream, naming why."""
+    if not isinstance(state, dict):
+        raise DataError(f"data state must be a dict, got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"data state version {state.get('version')!r} is not {STATE_VERSION}"
+                        + (" (version 1 is the epoch and offset of the loader before grain; its position "
+                           "cannot be carried over)" if state.get("version") == 1 else ""))
+    for key in _STATE_KEYS:
+        if key not in state:
+            raise DataError(f"data state lacks key {key!r}")
+    for key, value in mine.items():
+        if state[key] != value:
+            raise DataError(f"data state was saved with {key}={state[key]!r} but this loader "
+                            f"has {key}={value!r}; resuming would not continue the same stream")
+    start, batches = state["start"], state["batches"]
+    if not (isinstance(start, int) and isinstance(batches, int) and 0 <= start <= batches):
+        raise DataError(f"data state position start={start!r} batches={batches!r} is out of range")
 
 
 class DataLoader:
-    """Endless iterator of fixed-size batches from a `Source`; see the module docstring.
+    """Endless iterator of fixed-size batches from a `Source` through a grain pipeline (see the
+    module docstring).
 
     Args:
       source: the records.
-      batch_size: examples per batch on this host.
+      batch_size: examples per batch on this process (the global batch is host_count times it).
       image_size: output side; images are resized (shorter side) and centre-cropped.
-      seed: fixes the per-epoch orders, shuffle buffers, caption choice and extras.
-      shuffle_buffer: size of the streaming shuffle buffer applied after the per-epoch group
-        order (0 or 1 disables it). Sources with `shuffle = False` are never shuffled.
-      host_index, host_count: this host's share is every `host_count`-th record of the epoch
-        order starting at `host_index`, so hosts see disjoint records and together all.
-      prefetch: batches prepared ahead by a background thread (0: synchronous).
-      workers: processes that decode and augment examples (0: the loading thread does it).
-        A single thread can feed a few thousand small images a second, fewer large decoded
-        ones, which an accelerator outruns. The batches are the same for any number.
+      seed: fixes the epoch orders, caption choices and extras (>= 0).
+      host_index, host_count: this process's place among the processes: it gets rows
+        [host_index * batch_size, (host_index + 1) * batch_size) of every global batch.
+      prefetch: batches made ahead, each by a thread of its own (grain's ReadOptions), in this
+        process or, with workers, in each worker; 0: made on demand by the calling thread.
+      workers: grain worker processes (mp_prefetch), each making whole batches (0: none). One
+        process decodes a few thousand small images a second, fewer large ones, which an
+        accelerator outruns. The batches are the same for any number.
       state: a `state()` dict to resume from.
       low_res_size, degradation: add batch["low_res"] (float32 [-1, 1], side `low_res_size`,
         which must divide `image_size`) made by `degrade_low_res`.
@@ -636,100 +884,50 @@ class DataLoader:
     """
 
     def __init__(self, source: Source, *, batch_size: int, image_size: int, seed: int = 0,
-                 shuffle_buffer: int = 1000, host_index: int = 0, host_count: int = 1,
-                 prefetch: int = 2, state: dict | None = None, low_res_size: int | None = None,
-                 degradation: Degradation = Degradation(), masks: MaskConfig | None = None,
-                 workers: int = 0, negatives: bool = False):
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        if image_size <= 0:
-            raise DataError(f"image_size must be positive, got {image_size}")
-        if host_count <= 0 or not 0 <= host_index < host_count:
-            raise DataError(f"need 0 <= host_index < host_count, got {host_index} and {host_count}")
-        if len(source) < host_count:
-            raise DataError(f"source has {len(source)} records, fewer than host_count={host_count}")
-        if workers < 0:
-            raise DataError(f"workers must be >= 0, got {workers}")
-        if low_res_size is not None and (low_res_size <= 0 or image_size % low_res_size):
-            raise DataError(f"low_res_size {low_res_size} must divide image_size {image_size}")
-        if masks is not None and masks.object_weight > 0 and type(source).object_boxes is Source.object_boxes:
-            raise DataError(f"masks.object_weight is {masks.object_weight}, but a {type(source).__name__} "
-                            "does not know where its objects are (it defines no object_boxes)")
+                 host_index: int = 0, host_count: int = 1, prefetch: int = 2, state: dict | None = None,
+                 low_res_size: int | None = None, degradation: Degradation = Degradation(),
+                 masks: MaskConfig | None = None, workers: int = 0, negatives: bool = False):
+        _check_loader_args(source, batch_size, image_size, seed, host_index, host_count, prefetch, workers,
+                           low_res_size, masks, negatives)
         self.source = source
         self.batch_size, self.image_size, self.seed = int(batch_size), int(image_size), int(seed)
-        self.shuffle_buffer = int(shuffle_buffer)
         self.host_index, self.host_count = int(host_index), int(host_count)
         self.prefetch, self.workers = int(prefetch), int(workers)
         self.low_res_size, self.degradation, self.mask_config = low_res_size, degradation, masks
-        if negatives and type(source).negative_caption is Source.negative_caption:
-            raise DataError(f"negative captions were asked for, but a {type(source).__name__} has none "
-                            "(it defines no negative_caption)")
-        self._maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks, negatives)
-        self._pool = None
+        maker = _ExampleMaker(source, self.image_size, self.seed, low_res_size, degradation, masks, negatives)
+        self.dataset = batch_dataset(source, maker, self.batch_size, self.seed, self.host_index, self.host_count)
         self._fingerprint = source.fingerprint()
-        self._order_cache: tuple[int, np.ndarray] | None = None
-        self._position = _Position(0, 0)              # after the last batch returned
-        self._stats = {"examples": 0, "skipped": {}}  # as of the last batch returned
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
+        self._iterator: grain.DatasetIterator | None = None
+        # The next iterator reads self.dataset[start:] and, if given, continues from grain's state.
+        self._start, self._pending = 0, None
+        self._batches = 0                              # batches of the stream returned so far
+        self._stats = {"examples": 0, "skipped": {}}   # as of the last batch returned
         if state is not None:
             self.restore(state)
-
-    # -- order ----------------------------------------------------------------------------------
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Record indices this host reads in `epoch`, in order."""
-        if self._order_cache is not None and self._order_cache[0] == epoch:
-            return self._order_cache[1]
-        groups = self.source.groups()
-        group_rng = np.random.default_rng([self.seed, epoch, 0])
-        if groups is None:
-            order = np.arange(len(self.source), dtype=np.int64)
-            if self.source.shuffle:
-                order = group_rng.permutation(order)
-        else:
-            if self.source.shuffle:
-                groups = [groups[i] for i in group_rng.permutation(len(groups))]
-            order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in groups])
-        order = order[self.host_index::self.host_count]
-        if self.source.shuffle:
-            rng = np.random.default_rng([self.seed, epoch, 1, self.host_index])
-            order = shuffle_buffer_order(order, self.shuffle_buffer, rng)
-        self._order_cache = (epoch, order)
-        return order
 
     # -- state ----------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        """JSON-able position after the last batch returned (plus counters and a check that
-        it is restored into a loader reading the same data the same way)."""
-        return {"version": STATE_VERSION, "epoch": self._position.epoch,
-                "offset": self._position.offset, "seed": self.seed,
-                "host_index": self.host_index, "host_count": self.host_count,
+        """JSON-able position after the last batch returned: grain's iterator state, the counters,
+        and what it takes to check that it is restored into a loader reading the same stream."""
+        grain_state = self._iterator.get_state() if self._iterator is not None else self._pending
+        return {"version": STATE_VERSION, "batches": self._batches, "start": self._start,
+                "grain": json.loads(json.dumps(grain_state)), "workers": self.workers,
+                "seed": self.seed, "host_index": self.host_index, "host_count": self.host_count,
                 "batch_size": self.batch_size, "source": self._fingerprint,
-                "stats": {"examples": self._stats["examples"],
-                          "skipped": dict(self._stats["skipped"])}}
+                "stats": {"examples": self._stats["examples"], "skipped": dict(self._stats["skipped"])}}
 
     def restore(self, state: dict) -> None:
         """Continues from a `state()` dict; the next batch is the one that followed it."""
-        if not isinstance(state, dict):
-            raise DataError(f"data state must be a dict, got {type(state).__name__}")
-        for key in ("version", "epoch", "offset", "seed", "host_index", "host_count", "source"):
-            if key not in state:
-                raise DataError(f"data state lacks key {key!r}")
-        if state["version"] != STATE_VERSION:
-            raise DataError(f"data state version {state['version']} is not {STATE_VERSION}")
-        for key, mine in (("seed", self.seed), ("host_index", self.host_index),
-                          ("host_count", self.host_count), ("source", self._fingerprint)):
-            if state[key] != mine:
-                raise DataError(f"data state was saved with {key}={state[key]!r} but this loader "
-                                f"has {key}={mine!r}; resuming would not continue the same stream")
-        epoch, offset = int(state["epoch"]), int(state["offset"])
-        if epoch < 0 or not 0 <= offset <= len(self.epoch_order(epoch)):
-            raise DataError(f"data state position epoch={epoch} offset={offset} is out of range")
-        self._shutdown()
-        self._position = _Position(epoch, offset)
+        _check_state(state, {"seed": self.seed, "host_index": self.host_index, "host_count": self.host_count,
+                             "batch_size": self.batch_size, "source": self._fingerprint})
+        self._close_iterator()
+        # grain's state of a pipeline with worker processes is laid out per worker: with another
+        # number of them, a fresh iterator starts at the batch the saved one had reached.
+        same_layout = state["grain"] is not None and state["workers"] == self.workers
+        self._start = state["start"] if same_layout else state["batches"]
+        self._pending = state["grain"] if same_layout else None
+        self._batches = state["batches"]
         stats = state.get("stats", {"examples": 0, "skipped": {}})
         self._stats = {"examples": int(stats.get("examples", 0)),
                        "skipped": {k: int(v) for k, v in stats.get("skipped", {}).items()}}
@@ -739,153 +937,72 @@ class DataLoader:
         """{"examples": used, "skipped": {reason: count}} up to the last batch returned."""
         return {"examples": self._stats["examples"], "skipped": dict(self._stats["skipped"])}
 
-    # -- production -----------------------------------------------------------------------------
+    # -- iteration --------------------------------------------------------------------------------
 
-    def _positions(self, position: _Position):
-        """(record index, epoch, offset after it) of every record from `position` on."""
-        epoch, offset = position.epoch, position.offset
-        while True:
-            order = self.epoch_order(epoch)
-            for at in range(offset, len(order)):
-                yield int(order[at]), epoch, at + 1
-            epoch, offset = epoch + 1, 0
-
-    def _made(self, position: _Position):
-        """Yields (example or SkipExample, record index, epoch, offset after it) in stream order."""
-        if self._pool is None:
-            for index, epoch, after in self._positions(position):
-                yield self._maker.try_make(index, epoch), index, epoch, after
-            return
-        # Bounded look-ahead: the stream is endless, so never hand the pool more than a few
-        # chunks per worker; results are taken in submission order.
-        chunk_size, ahead = 8, 4 * self.workers
-        positions = self._positions(position)
-        pending = collections.deque()
-        while True:
-            while len(pending) < ahead:
-                chunk = [next(positions) for _ in range(chunk_size)]
-                pending.append((chunk, self._pool.submit(_worker_make, [(i, e) for i, e, _ in chunk])))
-            chunk, future = pending.popleft()
+    def _open(self) -> None:
+        ds = self.dataset[self._start:] if self._start else self.dataset
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.prefetch, prefetch_buffer_size=self.prefetch))
+        if self.workers:
+            _absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers),
+                                worker_init_fn=_exit_with_parent)
+        iterator = iter(ds)
+        if self._pending is not None:
             try:
-                made_chunk = future.result()
-            except concurrent.futures.process.BrokenProcessPool as err:
-                raise DataError(f"a data worker process died ({err}); with workers > 0 the program must be "
-                                "importable by a fresh interpreter (run from a file, not stdin), or use "
-                                "workers=0") from err
-            for (index, epoch, after), made in zip(chunk, made_chunk):
-                yield made, index, epoch, after
+                iterator.set_state(self._pending)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                iterator.close()
+                raise DataError(f"data state: grain cannot restore its iterator state "
+                                f"({type(err).__name__}: {err})") from None
+        self._iterator, self._pending = iterator, None
 
-    def _examples(self, position: _Position, stats: dict):
-        """Yields (example dict, position after it) from `position` on; updates `stats`."""
-        epoch, used_this_epoch = position.epoch, 0
-        whole_epoch = position.offset == 0     # a resumed epoch may have no usable record left
-        for made, index, made_epoch, after in self._made(position):
-            if made_epoch != epoch:
-                if used_this_epoch == 0 and whole_epoch:
-                    raise DataError(f"no usable record for host {self.host_index} in epoch {epoch} of "
-                                    f"{self._fingerprint}; skipped: {stats['skipped']}")
-                epoch, used_this_epoch, whole_epoch = made_epoch, 0, True
-            if isinstance(made, SkipExample):
-                count = stats["skipped"].get(made.reason, 0) + 1
-                stats["skipped"][made.reason] = count
-                # A broken data set must not flood the log: every skip up to ten per
-                # reason, then every thousandth (the counts stay exact in `stats`).
-                level = logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG
-                log.log(level, "skipping record %d of %s (%s #%d): %s", index, self._fingerprint,
-                        made.reason, count, made.detail)
-                continue
-            used_this_epoch += 1
-            stats["examples"] += 1
-            yield made, _Position(made_epoch, after)
-
-    def _batches(self, position: _Position, stats: dict):
-        """Yields (batch, position after it, stats snapshot) forever."""
-        examples = self._examples(position, stats)
-        while True:
-            items = []
-            for example, pos in examples:
-                items.append(example)
-                if len(items) == self.batch_size:
-                    break
-            batch = {"images": np.stack([e["images"] for e in items]),
-                     "captions": [e["captions"] for e in items]}
-            if "negative_captions" in items[0]:
-                batch["negative_captions"] = [e["negative_captions"] for e in items]
-            for key in ("low_res", "inpaint_mask"):
-                if key in items[0]:
-                    batch[key] = np.stack([e[key] for e in items])
-            yield batch, pos, {"examples": stats["examples"], "skipped": dict(stats["skipped"])}
-
-    def _producer(self, q: queue.Queue, stop: threading.Event, position, stats):
-        try:
-            for item in self._batches(position, stats):
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # surfaced to the consumer, never lost in the thread
-            q.put(e)
-
-    def _start(self):
-        if self.workers > 0:
-            # Spawned, not forked, as this process may already run JAX's threads; an executor, as it
-            # fails where multiprocessing.Pool would respawn a dying worker forever.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init, initargs=(self._maker,))
-        position = _Position(self._position.epoch, self._position.offset)
-        stats = {"examples": self._stats["examples"], "skipped": dict(self._stats["skipped"])}
-        if self.prefetch <= 0:
-            self._sync = self._batches(position, stats)
-            return
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._producer, name="glide-data-prefetch",
-                                        args=(self._queue, self._stop, position, stats),
-                                        daemon=True)
-        self._thread.start()
-
-    def _shutdown(self):
-        if self._thread is not None:
-            self._stop.set()
-            while self._thread.is_alive():
-                try:   # unblock a producer waiting on a full queue
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._queue = None
-        self._sync = None
-
-    _sync = None
+    def _close_iterator(self) -> None:
+        """Stops grain's threads and workers; a new iterator would start at the batch reached."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+            self._start, self._pending = self._batches, None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if self._thread is None and self._sync is None:
-            self._start()
-        if self._sync is not None:
-            batch, pos, stats = next(self._sync)
-        else:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._shutdown()
-                raise item
-            batch, pos, stats = item
-        self._position, self._stats = pos, stats
+        if self._iterator is None:
+            self._open()
+        try:
+            batch = next(self._iterator)
+        except BaseException as err:
+            # grain's iterator is spent after an error; the next call starts a new one here.
+            self._close_iterator()
+            if isinstance(err, RuntimeError) and self.workers:   # grain's word for a dead worker
+                raise DataError(f"a data worker process died or failed (workers={self.workers}: {err}); grain "
+                                "spawns them, so the main program must be a file that a fresh interpreter can "
+                                "import without running it (its work under `if __name__ == '__main__':`), or "
+                                "use workers=0") from err
+            raise
+        self._count_skips(batch.pop("_skipped"))
+        for key, value in batch.items():
+            # A worker's arrays arrive in grain's shared memory (an ndarray subclass); a plain copy
+            # frees it now, not whenever the batch is collected (at exit, freeing it fails).
+            if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+                batch[key] = np.array(value)
+        self._stats["examples"] += len(batch["captions"])
+        self._batches += 1
         return batch
 
+    def _count_skips(self, skipped: list) -> None:
+        for reason, index, detail in skipped:
+            count = self._stats["skipped"].get(reason, 0) + 1
+            self._stats["skipped"][reason] = count
+            # A broken data set must not flood the log: every skip up to ten per reason, then
+            # every thousandth (the counts stay exact in `stats`).
+            level = logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG
+            log.log(level, "skipping record %d of %s (%s #%d): %s", index, self._fingerprint, reason,
+                    count, detail)
+
     def close(self) -> None:
-        """Stops the prefetch thread; iterating again restarts from `state()`."""
-        self._shutdown()
+        """Stops grain's threads and worker processes; iterating again goes on from `state()`."""
+        self._close_iterator()
 
     def __enter__(self):
         return self
@@ -895,6 +1012,6 @@ class DataLoader:
 
     def __del__(self):
         try:
-            self._shutdown()
+            self._close_iterator()
         except Exception:
             pass

@@ -3,7 +3,9 @@ images and captions that are not UTF-8. Each is a counted skip naming the file; 
 followed, written or lost (the good records around it still arrive)."""
 
 import io
+import json
 import os
+import shutil
 import struct
 import tarfile
 import zlib
@@ -50,10 +52,11 @@ def _skips(source):
             captions.append(source.load(index, 0, 8, np.random.default_rng(index))[1])
         except D.SkipExample as skip:
             reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    # One epoch yields one batch of the usable records, so two batches consume all of epoch 0.
-    loader = D.DataLoader(source, batch_size=len(captions), image_size=8, seed=0, prefetch=0)
-    seen = next(loader)["captions"] + next(loader)["captions"]
-    assert sorted(seen) == sorted(captions * 2)
+    # A batch of len(source) is one epoch: every record in its own slot, the skipped ones refilled
+    # with usable records, so exactly the usable captions arrive and every bad record is counted.
+    loader = D.DataLoader(source, batch_size=len(source), image_size=8, seed=0, prefetch=0)
+    seen = next(loader)["captions"]
+    assert set(seen) == set(captions) and len(seen) == len(source)
     assert all(loader.stats["skipped"][r] >= n for r, n in reasons.items())
     assert set(loader.stats["skipped"]) == set(reasons)
     return sorted(captions), reasons
@@ -188,3 +191,31 @@ def test_unreadable_caption_file_is_a_counted_skip(tmp_path):
     source = D.FolderSource(tmp_path)
     assert _skips(source) == (["ok"], {"unreadable_file": 1})
     assert os.path.isdir(tmp_path / "a.txt")
+
+
+def test_jsonl_paths_that_escape_and_tar_members_that_link_are_counted_skips(hostile_shard, tmp_path):
+    before = _listing(tmp_path)
+    root = tmp_path / "listing"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_png())
+    shutil.copy(hostile_shard, root / "evil.tar")
+    lines = [{"image": "ok.png", "caption": "beside the list"},
+             {"image": "good.png", "tar": "evil.tar", "caption": "a plain member"},
+             {"image": "../secret.txt", "caption": "climbs out"},
+             {"image": str(tmp_path / "secret.txt"), "caption": "absolute"},
+             {"image": "good.png", "tar": "../evil.tar", "caption": "a shard outside"},
+             {"image": "sym.png", "tar": "evil.tar", "caption": "a symlink member"},
+             {"image": "hard.png", "tar": "evil.tar", "caption": "a hardlink member"},
+             {"image": "../escape.png", "tar": "evil.tar", "caption": "a member that climbs out"}]
+    (root / "list.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    source = D.JsonlSource([root / "list.jsonl"])
+    for index, message in ((2, r"list\.jsonl:3: image '\.\./secret\.txt' is an absolute or '\.\.' path"),
+                           (4, r"list\.jsonl:5: tar '\.\./evil\.tar' is an absolute or '\.\.' path")):
+        with pytest.raises(D.SkipExample, match=message) as info:
+            source.load(index, 0, 8, np.random.default_rng(0))
+        assert info.value.reason == "unsafe_path"
+    with pytest.raises(D.SkipExample, match=r"list\.jsonl:6: .*evil\.tar member 'sym\.png' is a symlink"):
+        source.load(5, 0, 8, np.random.default_rng(0))
+    assert _skips(source) == (["a plain member", "beside the list"], {"unsafe_path": 4, "unsafe_member": 2})
+    assert _listing(tmp_path) == sorted(before + ["listing", "listing/evil.tar", "listing/list.jsonl",
+                                                  "listing/ok.png"])

@@ -70,7 +70,7 @@ def run_config(spm_model, run_dir, **changes) -> dict:
         "seed": 3,
         "ema_rate": 0.9,
         "tokenizer": {"kind": "sentencepiece", "path": str(spm_model)},
-        "data": {"source": {"kind": "shapes", "epoch_size": 48}, "prefetch": 0, "shuffle_buffer": 0},
+        "data": {"source": {"kind": "shapes", "epoch_size": 48}, "prefetch": 0},
         "diffusion": {"steps": 100},
         "batch": {"global_size": 4},
         "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
@@ -285,16 +285,37 @@ def test_negative_term_gives_the_same_update_on_one_and_eight_devices(env):
 
 # -- the training CLI ------------------------------------------------------------------------------
 
+def _shapes_folder(root: Path, count: int) -> Path:
+    """`count` rendered shapes scenes as png + txt, and one record whose image is corrupt."""
+    from PIL import Image
+
+    from demo import shapes
+
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        scene = shapes.scene_at(1, index)
+        Image.fromarray(scene.render(8)).save(root / f"{index:03d}.png")
+        (root / f"{index:03d}.txt").write_text("\n".join(scene.captions()))
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "broken.txt").write_text("never read")
+    return root
+
+
 def test_killed_run_resumes_to_the_same_params(env, spm_model, workdir):
     steps = 40
     reference_dir, killed_dir = workdir / "uninterrupted", workdir / "killed"
+    # A shuffled source with a bad record, so the restored position covers the epoch order and the
+    # refilled slot; the killed run makes its batches in a grain worker process, the reference inline.
+    data = {"source": {"kind": "folder", "path": str(_shapes_folder(workdir / "resume_data", 23))},
+            "prefetch": 2, "workers": 0}
     reference = write_config(workdir / "uninterrupted.json",
-                             run_config(spm_model, reference_dir, train_steps=steps))
+                             run_config(spm_model, reference_dir, train_steps=steps, data=data))
     proc = subprocess.run(train_cmd(reference), env=env, capture_output=True, text=True, timeout=600,
                           cwd=PROJECT_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    killed = write_config(workdir / "killed.json", run_config(spm_model, killed_dir, train_steps=steps))
+    killed = write_config(workdir / "killed.json", run_config(spm_model, killed_dir, train_steps=steps,
+                                                              data=dict(data, workers=1)))
     child = subprocess.Popen(train_cmd(killed), env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -315,6 +336,12 @@ def test_killed_run_resumes_to_the_same_params(env, spm_model, workdir):
         assert_trees_close(saved_params(reference_dir, steps, part), saved_params(killed_dir, steps, part), 0.0,
                            f"resumed vs uninterrupted {part}")
     assert final_checksum(killed_dir) == final_checksum(reference_dir)
+    # The data positions agree too: grain's state went through the checkpoint and came back.
+    positions = [json.loads((d / str(steps) / "data" / "metadata").read_text())["processes"][0]
+                 for d in (reference_dir, killed_dir)]
+    assert positions[0]["batches"] == positions[1]["batches"] == steps
+    assert positions[0]["stats"] == positions[1]["stats"] and positions[0]["stats"]["skipped"]["corrupt_image"] > 0
+    assert positions[1]["workers"] == 1 and positions[1]["grain"] is not None
     first = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in first if "loss" in r]
     assert losses[-1] < losses[0], f"loss did not go down over {steps} steps: {losses}"

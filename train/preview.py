@@ -37,7 +37,7 @@ class PreviewSampler:
         n = cfg.sample.count
         loader = data.DataLoader(
             data.make_source(dict(cfg.data.source)), batch_size=n, image_size=mc.image_size,
-            seed=cfg.seed + _PREVIEW_SEED_OFFSET, shuffle_buffer=cfg.data.shuffle_buffer, prefetch=0,
+            seed=cfg.seed + _PREVIEW_SEED_OFFSET, prefetch=0,
             low_res_size=trainer.low_res_size, degradation=data.Degradation(),
             masks=trainer.loader.mask_config)
         with loader:

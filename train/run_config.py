@@ -41,14 +41,20 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
+    # The records (glide_jax.data.make_source), by kind:
+    #   {"kind": "folder", "path": "data/train"}        images with same-name .txt captions
+    #   {"kind": "tar", "shards": "data/*.tar"}         webdataset-style uncompressed tar shards
+    #   {"kind": "jsonl", "path": "data/train.jsonl"}   one {"image": ..., "caption": ...} per line, the
+    #       image a path relative to the jsonl file or, with "tar": "<shard>", a member of that shard
+    #       (glide_jax.data.JsonlSource); a list of files or a glob pattern reads several
+    #   {"kind": "shapes", ...}                         the demo's procedural scenes (plugin "demo")
     source: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
     # Modules imported before the source is made, which register more source kinds
     # (glide_jax.data.register_source); "demo" registers the procedural "shapes". [] imports none.
     plugins: list = dataclasses.field(default_factory=lambda: ["demo"])
     seed: int = -1                # -1: the run's seed
-    shuffle_buffer: int = 1000
-    prefetch: int = 2
-    workers: int = 0              # processes making examples (see glide_jax.data.DataLoader)
+    prefetch: int = 2             # batches made ahead, one thread each (in each worker, with workers)
+    workers: int = 0              # grain worker processes making batches (see glide_jax.data.DataLoader)
     low_res_size: int = 0         # upsampler input side; 0 = image_size // 4
     degradation: dict = dataclasses.field(default_factory=dict)   # glide_jax.data.Degradation fields
     masks: dict = dataclasses.field(default_factory=dict)         # glide_jax.masks.MaskConfig fields

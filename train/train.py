@@ -274,7 +274,7 @@ class Trainer:
         return self.cfg.data.low_res_size or max(self.model_config.image_size // 4, 1)
 
     def _loader(self, state: dict | None, seed_offset: int = 0, batch_size: int | None = None, prefetch=None):
-        import jax
+        import grain
 
         from glide_jax import data, masks
         from glide_jax.config import ConfigError
@@ -288,12 +288,14 @@ class Trainer:
             degradation = data.Degradation(**_tuples(section.degradation))
             mask_config = masks.MaskConfig(**_tuples(section.masks)) if self.cfg.model_kind in (
                 "inpaint", "upsample_inpaint") else None
+            # Each process reads only its own rows of every global batch (the global batches are
+            # the same for any number of processes).
+            shard = grain.sharding.ShardByJaxProcess()
             return data.DataLoader(
                 source, batch_size=batch_size or self.local_batch, image_size=self.task.image_size,
                 seed=(section.seed if section.seed >= 0 else self.cfg.seed) + seed_offset,
-                shuffle_buffer=section.shuffle_buffer,
                 prefetch=section.prefetch if prefetch is None else prefetch, workers=section.workers,
-                host_index=jax.process_index(), host_count=jax.process_count(), state=state,
+                host_index=shard.shard_index, host_count=shard.shard_count, state=state,
                 low_res_size=self.low_res_size, degradation=degradation, masks=mask_config,
                 negatives=self.cfg.negative_weight > 0)
         except (data.DataError, TypeError, ValueError) as err:
