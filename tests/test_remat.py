@@ -177,3 +177,23 @@ def test_the_run_config_takes_and_checks_remat_and_attention():
         RunConfig.from_dict({**base, "remat": "yes"})
     with pytest.raises(ConfigError, match="'cudnn' needs bfloat16"):
         RunConfig.from_dict({**base, "attention": "cudnn"})
+
+
+def test_the_trainer_builds_its_task_with_the_run_s_remat():
+    from train.run_config import RunConfig
+    from train.train import Trainer
+
+    model = dict(TINY, xf_width=0)   # no text: the task then needs no tokenizer
+    counts = {}
+    for remat in ("none", "blocks"):
+        # Only the task is wanted: no run directory, mesh, state or loader.
+        trainer = Trainer.__new__(Trainer)
+        trainer.cfg = RunConfig.from_dict({"model": model, "checkpoint": {"dir": "/tmp/unused"},
+                                           "batch": {"global_size": 2}, "caption_dropout": 0.0, "remat": remat})
+        trainer.model_config = ModelConfig.from_dict(model)
+        task = trainer._task()
+        params = jax.eval_shape(task.init, jax.random.key(0))
+        jaxpr = jax.make_jaxpr(lambda p, b: task.loss(p, b, jax.random.key(0)))(params, task.batch_spec(2))
+        counts[remat] = str(jaxpr).count("remat")
+    # One remat per ResBlock and attention block of the tiny U-Net (14), none without the option.
+    assert counts == {"none": 0, "blocks": 14}, counts
