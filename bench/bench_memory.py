@@ -85,6 +85,8 @@ def memory_of(compiled) -> dict:
     row = {name: int(getattr(stats, name)) for name in MEMORY_FIELDS}
     row["peak_estimate_bytes"] = (row["argument_size_in_bytes"] + row["output_size_in_bytes"]
                                   - row["alias_size_in_bytes"] + row["temp_size_in_bytes"])
+    cost = compiled.cost_analysis()
+    row["flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     return row
 
 

@@ -196,6 +196,24 @@ def sample_row(config, dtype: str, batch_pairs: int, steps: int, attention: str,
     return finish(row, peak)
 
 
+def flops_row(config, program: str, dtype: str, batch: int, remat: str, attention: str) -> dict:
+    """FLOPs only (compiled, not run): for MFU from a step time measured elsewhere."""
+    from bench.bench_memory import train_program
+    from glide_jax.unet import param_shapes
+
+    if program == "train":
+        step, state_shapes, batch_spec, *_ = train_program(config, dtype, remat, attention)
+        flops = {"model_flops": flops_of(step.lower(state_shapes, batch_spec(batch)).compile())}
+    else:
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), param_shapes(config))
+        step_flops, text_flops = sampling_flops(config, dtype, batch, attention, shapes)
+        flops = {"model_flops": step_flops, "text_flops": text_flops}
+    row = {"program": program, "dtype": dtype, "batch": batch, "remat": remat if program == "train" else "-",
+           "attention": attention, **flops, "load": load()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| program | dtype | B | remat | attention | GFLOP/step (model) | step s | CPU s | TFLOP/s | "
              "peak TFLOP/s | MFU | load |", "| --- " * 12 + "|"]
@@ -215,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--remat", default="none", help="remat policy of the training rows")
     parser.add_argument("--attention", default="einsum", help="comma list of einsum, xla, cudnn")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps / sampling loop length")
+    parser.add_argument("--flops-only", action="store_true", help="compile and count FLOPs; time nothing")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, instead of the table/measurement")
     parser.add_argument("--config", default=str(CONFIG_PATH[0]), help="model config (default: the full-size base)")
     parser.add_argument("--json", default="bench_mfu.json")
@@ -223,6 +242,15 @@ def main(argv=None) -> int:
     config = base_config()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, load {load()}", flush=True)
     rows = []
+    if args.flops_only:
+        for dtype in args.dtypes.split(","):
+            for attention in args.attention.split(","):
+                rows += [flops_row(config, "train", dtype, int(b), args.remat, attention)
+                         for b in args.train_batches.split(",") if b]
+                rows += [flops_row(config, "sample", dtype, int(b), args.remat, attention)
+                         for b in args.sample_batches.split(",") if b]
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     for dtype in args.dtypes.split(","):
         peak = peak_tflops(dtype, args.peak_tflops)
         print(f"peak {peak[0]:.3f} TFLOP/s ({peak[1]}), load {load()}", flush=True)
@@ -232,8 +260,23 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.sample_batches.split(",") if b):
                 rows.append(sample_row(config, dtype, batch, max(args.steps, 2), attention, peak))
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if rows and rows[0]["peak_source"].startswith("measured"):
+        remeasure(rows)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     return 0
+
+
+def remeasure(rows: list[dict]) -> None:
+    """A CPU's matmul rate measured once moves with the other jobs' load (116 against 206 GFLOP/s in
+    two windows of the shared 2-core host): measure again after the rows and rate them all against the
+    best of both, which is the closer one to what the host can do."""
+    again = measured_matmul_tflops("float32")
+    best = max([again] + [r["peak_tflops"] for r in rows])
+    print(f"peak measured again: {again:.3f} TFLOP/s, load {load()}; MFU against the best, {best:.3f}", flush=True)
+    for r in rows:
+        r.update(peak_measured_first=r["peak_tflops"], peak_measured_after=again, peak_tflops=best,
+                 mfu=r["achieved_tflops"] / best)
 
 
 if __name__ == "__main__":
