@@ -144,9 +144,10 @@ def _time_compiled(run, args, steps: int) -> dict:
             "loop_s": t4 - t3, "step_s": (t4 - t3) / steps, "step_cpu_s": (c4 - c3) / steps}
 
 
-def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int) -> dict:
-    """Classifier-free guided ancestral sampling of `batch_pairs` images (2·B rows per step)."""
-    model = GlideUNet(config, DTYPES[dtype])
+def cfg_program(config: ModelConfig, dtype: str, batch_pairs: int, steps: int, attention: str = "einsum"):
+    """The compiled-as-one guided sampler of `bench_cfg` and the inputs it is called with but the params:
+    `run(params, tokens, mask, key, guidance_scale)` -> [B, H, W, 3]."""
+    model = GlideUNet(config, DTYPES[dtype], attention=attention)
     diffusion = diffusion_for_model(config, str(steps))
     tokens, mask = _tokens(config, batch_pairs)
     shape = (2 * batch_pairs, config.image_size, config.image_size, 3)
@@ -160,18 +161,24 @@ def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: 
         guided = classifier_free_guidance(model_fn, guidance_scale)
         return ddpm_sample(guided, diffusion, shape, key)[:batch_pairs]
 
+    return run, (tokens, mask, jax.random.key(0), jnp.float32(3.0))
+
+
+def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int) -> dict:
+    """Classifier-free guided ancestral sampling of `batch_pairs` images (2·B rows per step)."""
+    run, inputs = cfg_program(config, dtype, batch_pairs, steps)
     load_before = _load()
     with PeakMemory() as memory:
-        timing = _time_compiled(run, (params, tokens, mask, jax.random.key(0), jnp.float32(3.0)), steps)
+        timing = _time_compiled(run, (params,) + inputs, steps)
     return {"kind": "cfg", "dtype": dtype, "batch_pairs": batch_pairs, "model_batch": 2 * batch_pairs,
             "steps": steps, **timing, "images_per_s": batch_pairs / timing["step_s"],
             "peak_memory_bytes": memory.peak, "memory_kind": memory.kind,
             "load_before": load_before, "load_after": _load()}
 
 
-def bench_clip(params, config: ModelConfig, clip_params, clip_config: ClipConfig, batch: int,
-               steps: int) -> dict:
-    """CLIP-guided ancestral sampling of `batch` images: the model on B rows plus CLIP's gradient."""
+def clip_program(config: ModelConfig, clip_config: ClipConfig, batch: int, steps: int):
+    """The CLIP-guided sampler of `bench_clip` (float32) and its inputs but the two param trees:
+    `run(params, clip_params, tokens, mask, text_embeddings, key)` -> [B, H, W, 3]."""
     model = GlideUNet(config, jnp.float32)
     diffusion = diffusion_for_model(config, str(steps))
     tokens, mask = _tokens(config, batch)
@@ -188,10 +195,16 @@ def bench_clip(params, config: ModelConfig, clip_params, clip_config: ClipConfig
         cond_fn = clip_cond_fn(clip_params, clip_config, text_embeddings, 3.0)
         return ddpm_sample(model_fn, diffusion, shape, key, cond_fn=cond_fn)
 
+    return run, (tokens, mask, text_embeddings, jax.random.key(0))
+
+
+def bench_clip(params, config: ModelConfig, clip_params, clip_config: ClipConfig, batch: int,
+               steps: int) -> dict:
+    """CLIP-guided ancestral sampling of `batch` images: the model on B rows plus CLIP's gradient."""
+    run, inputs = clip_program(config, clip_config, batch, steps)
     load_before = _load()
     with PeakMemory() as memory:
-        timing = _time_compiled(run, (params, clip_params, tokens, mask, text_embeddings,
-                                      jax.random.key(0)), steps)
+        timing = _time_compiled(run, (params, clip_params) + inputs, steps)
     return {"kind": "clip", "dtype": "float32", "batch_pairs": batch, "model_batch": batch,
             "steps": steps, **timing, "images_per_s": batch / timing["step_s"],
             "peak_memory_bytes": memory.peak, "memory_kind": memory.kind,

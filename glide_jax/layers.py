@@ -73,12 +73,25 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return embedding  # [B, dim]
 
 
-def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+# How `multihead_attention` computes: "einsum" (the reference's order of operations, below), or
+# `jax.nn.dot_product_attention` with its "xla" implementation (the same softmax attention as XLA
+# ops, logits accumulated in float32) or "cudnn" (cuDNN's fused flash attention: GPU only, float16 or
+# bfloat16 inputs; it never materialises the [B, heads, T, S] logits).
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "einsum") -> jax.Array:
     """Softmax attention over [B, T, heads, ch] queries and [B, S, heads, ch] keys/values.
 
-    q and k are each scaled by ch**-1/4 before the product (rather than dividing the logits by
-    sqrt(ch) afterwards) so half-precision logits stay in range; the softmax runs in float32.
+    "einsum": q and k are each scaled by ch**-1/4 before the product (rather than dividing the logits
+    by sqrt(ch) afterwards) so half-precision logits stay in range; the softmax runs in float32.
     """
+    if implementation != "einsum":
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}, "
+                             f"got {implementation!r}")
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]),
+                                            implementation=implementation)
     scale = 1.0 / math.sqrt(math.sqrt(q.shape[-1]))
     logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)

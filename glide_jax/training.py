@@ -207,7 +207,8 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
                    caption_dropout: float = 0.2, empty_tokens=None, empty_mask=None,
                    low_res_size: int | None = None, min_snr_gamma: float = 0.0,
                    high_noise_fraction: float = 0.0, high_noise_from: float = 0.95,
-                   negative_weight: float = 0.0, negative_from: float = 0.7) -> TrainTask:
+                   negative_weight: float = 0.0, negative_from: float = 0.7, remat: str = "none",
+                   attention: str = "einsum") -> TrainTask:
     """Task for the GLIDE U-Net kinds (`base`, `upsample`, `inpaint`, `upsample_inpaint`).
 
     `empty_tokens`/`empty_mask` (text_ctx,) are the tokenizer's empty caption, used for caption
@@ -216,9 +217,11 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     objective. `high_noise_fraction` of the examples draw their timestep from `high_noise_from` * T
     on (`draw_timesteps`). `negative_weight` > 0 adds the hard-negative term (`negative_term`) on
     examples with a timestep from `negative_from` * T on; batches then carry `negative_tokens`,
-    `negative_mask` and `has_negative`.
+    `negative_mask` and `has_negative`. `remat` (`glide_jax.unet.REMAT_POLICIES`) and `attention`
+    (`glide_jax.layers.ATTENTION_IMPLEMENTATIONS`) are the U-Net's run options: memory and speed, the
+    same params and (up to rounding) the same loss.
     """
-    from glide_jax.unet import GlideUNet, example_inputs
+    from glide_jax.unet import GlideUNet, check_run_options, example_inputs
 
     _check_diffusion_options(config, diffusion, kind, compute_dtype, caption_dropout, min_snr_gamma,
                              high_noise_fraction, high_noise_from, negative_weight, negative_from)
@@ -227,7 +230,8 @@ def diffusion_task(config: ModelConfig, diffusion, kind: str, *, compute_dtype: 
     mse_weights = min_snr_weights(diffusion, config.prediction, min_snr_gamma)
     empty_tokens, empty_mask = _empty_caption(config, caption_dropout, empty_tokens, empty_mask)
     low = low_res_size or max(config.image_size // 4, 1)
-    model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype])
+    check_run_options(remat, attention, COMPUTE_DTYPES[compute_dtype])
+    model = GlideUNet(config, COMPUTE_DTYPES[compute_dtype], remat=remat, attention=attention)
     num_timesteps = diffusion.num_timesteps
     negative_start = min(int(negative_from * num_timesteps), num_timesteps - 1)
 

@@ -19,8 +19,8 @@ from flax import linen as nn
 
 from .conditioning import build_conditioning
 from .config import ConfigError, ModelConfig
-from .layers import (GROUPNORM_GROUPS, Dtype, GroupNorm32, avg_pool_2x2, conv, dense, multihead_attention,
-                     resize_bilinear, timestep_embedding, upsample_nearest)
+from .layers import (ATTENTION_IMPLEMENTATIONS, GROUPNORM_GROUPS, Dtype, GroupNorm32, avg_pool_2x2, conv, dense,
+                     multihead_attention, resize_bilinear, timestep_embedding, upsample_nearest)
 from .text_encoder import TextEncoder
 
 TextOutputs = dict[str, jax.Array]
@@ -73,6 +73,7 @@ class AttentionBlock(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     norm_groups: int = GROUPNORM_GROUPS
+    implementation: str = "einsum"   # see layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, xf_out=None):
@@ -89,7 +90,7 @@ class AttentionBlock(nn.Module):
             ekv = ekv.reshape(batch, xf_out.shape[1], self.heads, 2, head_ch)
             k = jnp.concatenate([ekv[..., 0, :], k], axis=1)
             v = jnp.concatenate([ekv[..., 1, :], v], axis=1)
-        out = multihead_attention(q, k, v).reshape(batch, height * width, channels)
+        out = multihead_attention(q, k, v, self.implementation).reshape(batch, height * width, channels)
         out = dense(channels, self.dtype, "proj_out", zero_init=True)(out)
         return x + out.reshape(x.shape)
 
@@ -127,25 +128,61 @@ def _attention_heads(channels: int, num_heads: int, num_head_channels: int) -> i
     return channels // num_head_channels
 
 
+# What `remat` may name: which U-Net blocks keep only their inputs for the backward pass and recompute
+# the rest. "attention": the attention blocks (their [B, heads, HW, HW + text] logits and softmax are the
+# largest activations at 32 px); "blocks": every ResBlock and attention block; "blocks_save_dots": the
+# same, but the outputs of matmuls without batch dimensions (the Dense projections) are kept, so only
+# convolutions, norms and the attention products are recomputed.
+REMAT_POLICIES = ("none", "attention", "blocks", "blocks_save_dots")
+
+
+def check_run_options(remat: str, attention: str, dtype: Dtype | None = None) -> None:
+    """Raises a ConfigError naming `remat` or `attention` if either is unknown, or if cuDNN attention is
+    asked for with a float32 compute `dtype` (its fused kernel takes only float16 and bfloat16)."""
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {attention!r}")
+    if attention == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"attention 'cudnn' needs bfloat16 (or float16) compute, got {jnp.dtype(dtype).name}")
+
+
+def _block_classes(remat: str):
+    """(ResBlock, AttentionBlock), wrapped in `nn.remat` as `remat` asks. The wrapped classes keep the
+    submodule names they are given, so the params tree is the same whatever the policy."""
+    if remat == "none":
+        return ResBlock, AttentionBlock
+    if remat == "attention":
+        return ResBlock, nn.remat(AttentionBlock)
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "blocks_save_dots" else None
+    # ResBlock.__call__(self, x, emb, deterministic, conditioning_map): `deterministic` is a Python bool,
+    # so the wrapped block must be given all four arguments positionally (the U-Net always does).
+    return nn.remat(ResBlock, static_argnums=(3,), policy=policy), nn.remat(AttentionBlock, policy=policy)
+
+
 class UNet(nn.Module):
-    """The U-Net torso: time embedding, down path, middle, up path with skips, output head."""
+    """The U-Net torso: time embedding, down path, middle, up path with skips, output head.
+
+    `remat` and `attention` are run options (`GlideUNet`'s), not part of the model."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, timesteps, xf_proj=None, xf_out=None, deterministic: bool = True):
         cfg = self.config
-        model_ch = cfg.num_channels
-        attention_rates = cfg.attention_downsample_rates
-        heads_down = cfg.num_heads
+        check_run_options(self.remat, self.attention, self.dtype)
+        res_cls, attention_cls = _block_classes(self.remat)
         heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
 
         def attention(ch, heads, name):
-            return AttentionBlock(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
-                                  name=name)
+            block = attention_cls(_attention_heads(ch, heads, cfg.num_head_channels), self.dtype, cfg.norm_groups,
+                                  self.attention, name=name)
+            return lambda h: block(h, xf_out)
 
-        emb = timestep_embedding(timesteps, model_ch).astype(self.dtype)
+        emb = timestep_embedding(timesteps, cfg.num_channels).astype(self.dtype)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_0")(emb)
         emb = dense(cfg.time_embed_dim, self.dtype, "time_embed_2")(nn.silu(emb))
         if xf_proj is not None:
@@ -155,64 +192,70 @@ class UNet(nn.Module):
             conditioning_map = build_conditioning(cfg.conditioning, self.dtype)(xf_out, emb)
 
         def res_block(out_ch, name, resample=None):
-            block = ResBlock(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,
-                             name=name)
+            block = res_cls(out_ch, cfg.use_scale_shift_norm, cfg.dropout, resample, self.dtype, cfg.norm_groups,
+                            name=name)
             return lambda h: block(h, emb, deterministic, conditioning_map)
 
-        ch = cfg.channel_multipliers[0] * model_ch
-        h = conv(ch, 3, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
-        skips, skip_channels = [h], [ch]
-        rate, block = 1, 1
-        levels = len(cfg.channel_multipliers)
-        for level, mult in enumerate(cfg.channel_multipliers):
-            for _ in range(cfg.num_res_blocks):
-                ch = mult * model_ch
-                h = res_block(ch, f"input_blocks_{block}_0")(h)
-                if rate in attention_rates:
-                    h = attention(ch, heads_down, f"input_blocks_{block}_1")(h, xf_out)
-                skips.append(h)
-                skip_channels.append(ch)
-                block += 1
-            if level != levels - 1:
-                name = f"input_blocks_{block}_0"
-                if cfg.resblock_updown:
-                    h = res_block(ch, name, resample="down")(h)
-                else:
-                    h = Downsample(ch, self.dtype, name=name)(h)
-                skips.append(h)
-                skip_channels.append(ch)
-                rate *= 2
-                block += 1
+        def resample(ch, name, direction):
+            if cfg.resblock_updown:
+                return res_block(ch, name, resample=direction)
+            return (Downsample if direction == "down" else Upsample)(ch, self.dtype, name=name)
 
+        h = conv(cfg.channel_multipliers[0] * cfg.num_channels, 3, self.dtype, "input_blocks_0_0")(x.astype(self.dtype))
+        h, skips = _down_path(h, cfg, res_block, attention, resample)
+        ch = cfg.channel_multipliers[-1] * cfg.num_channels
         h = res_block(ch, "middle_block_0")(h)
-        h = attention(ch, heads_down, "middle_block_1")(h, xf_out)
+        h = attention(ch, cfg.num_heads, "middle_block_1")(h)
         h = res_block(ch, "middle_block_2")(h)
-
-        block = 0
-        for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
-            for i in range(cfg.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                skip_channels.pop()
-                ch = mult * model_ch
-                layer = 0
-                h = res_block(ch, f"output_blocks_{block}_{layer}")(h)
-                if rate in attention_rates:
-                    layer += 1
-                    h = attention(ch, heads_up, f"output_blocks_{block}_{layer}")(h, xf_out)
-                if level and i == cfg.num_res_blocks:
-                    layer += 1
-                    name = f"output_blocks_{block}_{layer}"
-                    if cfg.resblock_updown:
-                        h = res_block(ch, name, resample="up")(h)
-                    else:
-                        h = Upsample(ch, self.dtype, name=name)(h)
-                    rate //= 2
-                block += 1
-        assert not skips and not skip_channels
+        h = _up_path(h, skips, cfg, res_block, lambda ch, name: attention(ch, heads_up, name), resample)
 
         # The output head runs in float32 even under reduced precision, as the reference keeps it.
         h = GroupNorm32(swish=True, groups=cfg.norm_groups, name="out_norm")(h.astype(jnp.float32))
         return conv(cfg.out_channels, 3, jnp.float32, "out_conv", zero_init=True)(h)  # [B, H, W, 6]
+
+
+def _down_path(h, cfg: ModelConfig, res_block, attention, resample):
+    """The input blocks (called inside `UNet.__call__`, so their modules are the U-Net's); returns the
+    last activation and the skips the up path concatenates, in order."""
+    skips = [h]
+    rate, block = 1, 1
+    levels = len(cfg.channel_multipliers)
+    for level, mult in enumerate(cfg.channel_multipliers):
+        ch = mult * cfg.num_channels
+        for _ in range(cfg.num_res_blocks):
+            h = res_block(ch, f"input_blocks_{block}_0")(h)
+            if rate in cfg.attention_downsample_rates:
+                h = attention(ch, cfg.num_heads, f"input_blocks_{block}_1")(h)
+            skips.append(h)
+            block += 1
+        if level != levels - 1:
+            h = resample(ch, f"input_blocks_{block}_0", "down")(h)
+            skips.append(h)
+            rate *= 2
+            block += 1
+    return h, skips
+
+
+def _up_path(h, skips: list, cfg: ModelConfig, res_block, attention, resample):
+    """The output blocks, each taking the last of `skips` (which it empties)."""
+    rate = 2 ** (len(cfg.channel_multipliers) - 1)
+    block = 0
+    for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
+        ch = mult * cfg.num_channels
+        for i in range(cfg.num_res_blocks + 1):
+            h = jnp.concatenate([h, skips.pop()], axis=-1)
+            layer = 0
+            h = res_block(ch, f"output_blocks_{block}_{layer}")(h)
+            if rate in cfg.attention_downsample_rates:
+                layer += 1
+                h = attention(ch, f"output_blocks_{block}_{layer}")(h)
+            if level and i == cfg.num_res_blocks:
+                layer += 1
+                h = resample(ch, f"output_blocks_{block}_{layer}", "up")(h)
+                rate //= 2
+            block += 1
+    assert not skips
+    return h
 
 
 class GlideUNet(nn.Module):
@@ -224,6 +267,11 @@ class GlideUNet(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    # Run options, not saved with the model (the params and outputs are the same whatever they are):
+    # `remat`, one of REMAT_POLICIES, trades recomputation in the backward pass for activation memory;
+    # `attention`, one of layers.ATTENTION_IMPLEMENTATIONS, picks the U-Net attention's kernel.
+    remat: str = "none"
+    attention: str = "einsum"
 
     def setup(self):
         cfg = self.config
@@ -232,7 +280,7 @@ class GlideUNet(nn.Module):
                 text_ctx=cfg.text_ctx, width=cfg.xf_width, layers=cfg.xf_layers, heads=cfg.xf_heads,
                 n_vocab=cfg.n_vocab, final_ln=cfg.xf_final_ln, padding=cfg.xf_padding,
                 proj_dim=cfg.time_embed_dim, dtype=self.dtype)
-        self.unet = UNet(cfg, self.dtype)
+        self.unet = UNet(cfg, self.dtype, self.remat, self.attention)
 
     def encode_text(self, tokens, mask=None) -> TextOutputs | None:
         if not self.config.has_text:

@@ -23,7 +23,8 @@ from typing import Any
 
 from glide_jax import paths
 from glide_jax.config import ConfigError, read_json_object
-from glide_jax.training import MODEL_KINDS, OptimizerConfig
+from glide_jax.training import COMPUTE_DTYPES, MODEL_KINDS, OptimizerConfig
+from glide_jax.unet import check_run_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,11 @@ class RunConfig:
     negative_from: float = 0.7    # ... compared at timesteps from this fraction of the chain on (not for clip)
     ema_rate: float = 0.9999
     ema_debias: bool = True       # average only this run's params (see training.make_train_step)
+    # How the U-Net runs, not what it is (not saved in the model config; checkpoints load either way):
+    # remat (glide_jax.unet.REMAT_POLICIES) recomputes blocks' activations in the backward pass to fit a
+    # larger batch; attention (glide_jax.layers.ATTENTION_IMPLEMENTATIONS): "cudnn" needs a GPU and bfloat16.
+    remat: str = "none"
+    attention: str = "einsum"
     diffusion: DiffusionSection = DiffusionSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()
@@ -152,6 +158,9 @@ class RunConfig:
             raise ConfigError(f"negative_from must be in [0, 1) (a fraction of the chain), got {self.negative_from}")
         if not 0.0 <= self.ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must be in [0, 1], got {self.ema_rate}")
+        check_run_options(self.remat, self.attention, COMPUTE_DTYPES.get(self.precision))
+        if self.model_kind == "clip" and (self.remat, self.attention) != ("none", "einsum"):
+            raise ConfigError("remat and attention are U-Net options; model_kind 'clip' takes neither")
         b = self.batch
         if (b.global_size > 0) == (b.per_device_size > 0) or b.global_size < 0 or b.per_device_size < 0:
             raise ConfigError("set exactly one of batch.global_size and batch.per_device_size to a positive "

@@ -265,7 +265,8 @@ class Trainer:
             caption_dropout=cfg.caption_dropout, empty_tokens=empty_tokens, empty_mask=empty_mask,
             low_res_size=self.low_res_size, min_snr_gamma=cfg.min_snr_gamma,
             high_noise_fraction=cfg.high_noise_fraction, high_noise_from=cfg.high_noise_from,
-            negative_weight=cfg.negative_weight, negative_from=cfg.negative_from)
+            negative_weight=cfg.negative_weight, negative_from=cfg.negative_from, remat=cfg.remat,
+            attention=cfg.attention)
 
     @property
     def low_res_size(self) -> int | None:
