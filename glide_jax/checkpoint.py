@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from glide_jax import paths
-from glide_jax.config import ConfigError
+from glide_jax.config import ConfigError, read_json_object
 
 __all__ = ["CheckpointError", "save_model", "load_model", "restore_params", "CONFIG_FILE",
            "PARAMS_DIR", "SAFETENSORS_FILE", "FORMATS", "is_saved_model"]
@@ -308,7 +308,7 @@ def _read_config(directory: epath.Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; not a saved model")
     try:
-        return paths.read_json_object(path, "model config")
+        return read_json_object(path, "model config")
     except ConfigError as err:   # a damaged saved model, not a user's config mistake
         raise CheckpointError(str(err)) from None
 

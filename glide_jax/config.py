@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from glide_jax import paths
+
 GLIDE_VOCAB_SIZE = 50257
 
 # What a diffusion model's output can predict (ModelConfig.prediction).
@@ -38,8 +40,9 @@ class ConfigError(ValueError):
 
 
 def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON file that must hold one object (`what` names it in errors, e.g. "model config")."""
-    path = Path(path)
+    """A JSON file that must hold one object (`what` names it in errors, e.g. "model config"), on
+    any filesystem `glide_jax.paths` reaches (gs:// among them)."""
+    path = paths.as_path(path)
     try:
         values = json.loads(path.read_text())
     except FileNotFoundError:

@@ -10,16 +10,13 @@ never appended to or renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import uuid
 
 from etils import epath
 
-from glide_jax.config import ConfigError
-
-__all__ = ["as_path", "is_local", "absolute", "write_bytes", "read_json_object"]
+__all__ = ["as_path", "is_local", "absolute", "write_bytes"]
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -71,17 +68,3 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
-
-
-def read_json_object(path: str | os.PathLike, what: str) -> dict:
-    """`glide_jax.config.read_json_object` for a path on any filesystem (same errors)."""
-    path = as_path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of {what} options, got {type(values).__name__}")
-    return values

@@ -181,15 +181,15 @@ class Trainer:
 
     def _model_config(self):
         """The model's config: inline, from a file, or (fine-tuning without one) the checkpoint's."""
-        from glide_jax.config import ModelConfig
+        from glide_jax.config import ModelConfig, read_json_object
 
         cfg = self.cfg
         options = cfg.model
         if isinstance(options, str):
-            options = paths.read_json_object(options, "model")
+            options = read_json_object(options, "model")
         if options is None:
             from glide_jax import checkpoint
-            options = paths.read_json_object(paths.as_path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
+            options = read_json_object(paths.as_path(cfg.init_from) / checkpoint.CONFIG_FILE, "init_from")
         if cfg.model_kind == "clip":
             from glide_jax.clip import ClipConfig
             return ClipConfig.from_dict(options, source="model")
@@ -199,13 +199,14 @@ class Trainer:
         """Fine-tuning an eps model into a v model (or back) is legitimate (the demo base was made
         so), but the same params then mean something else, so it is said out loud, not silent."""
         from glide_jax import checkpoint
+        from glide_jax.config import read_json_object
 
         if self.cfg.model_kind == "clip":
             return
         saved = paths.as_path(self.cfg.init_from) / checkpoint.CONFIG_FILE
         if not saved.is_file():
             return
-        before = paths.read_json_object(saved, "init_from").get("prediction", "eps")
+        before = read_json_object(saved, "init_from").get("prediction", "eps")
         if before != self.model_config.prediction:
             log.warning("init_from %s predicts %s but this run trains prediction=%s: the output head's "
                         "meaning changes, so expect a higher loss at first", self.cfg.init_from, before,
