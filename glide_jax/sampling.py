@@ -173,8 +173,6 @@ def _dpm_solver_pp_coefficients(diffusion: GaussianDiffusion, order: int, multis
     lam = np.log(alpha) - np.log(sigma)
     num_steps = diffusion.num_timesteps
     coefficients = np.zeros((num_steps, 5), np.float64)
-    if stochastic:
-        return _sde_2m_coefficients(alpha, sigma, lam, lower_order_final, coefficients)
     # 2S: with spans S-1 .. 0 grouped in pairs ending at index 0, index t starts a pair when t is
     # even, and is a pair's midpoint when t is odd and its pair's anchor t+1 exists.
     for i in range(num_steps):
@@ -183,13 +181,17 @@ def _dpm_solver_pp_coefficients(diffusion: GaussianDiffusion, order: int, multis
             coefficients[i, 2] = 1.0
             continue
         h = lam[t - 1] - lam[t]
-        first_order = (sigma[t - 1] / sigma[t], 0.0, -alpha[t - 1] * np.expm1(-h), 0.0)
+        # The first-order step's weights on x_s and x0_s, and the noise it adds (see above).
+        if stochastic:
+            keep, phi, c = np.exp(-h), -alpha[t - 1] * np.expm1(-2 * h), sigma[t - 1] * np.sqrt(-np.expm1(-2 * h))
+        else:
+            keep, phi, c = 1.0, -alpha[t - 1] * np.expm1(-h), 0.0
+        a = sigma[t - 1] / sigma[t] * keep
         if order == 1 or i == 0 or (multistep and lower_order_final and t == 1):
-            coefficients[i, :4] = first_order
+            coefficients[i] = (a, 0.0, phi, 0.0, c)
         elif multistep:
             r = (lam[t] - lam[t + 1]) / h
-            phi = -alpha[t - 1] * np.expm1(-h)
-            coefficients[i, :4] = (sigma[t - 1] / sigma[t], 0.0, phi * (1 + 0.5 / r), -phi * 0.5 / r)
+            coefficients[i] = (a, 0.0, phi * (1 + 0.5 / r), -phi * 0.5 / r, c)
         elif t % 2 == 1:
             anchor = t + 1
             h = lam[t - 1] - lam[anchor]
@@ -197,25 +199,7 @@ def _dpm_solver_pp_coefficients(diffusion: GaussianDiffusion, order: int, multis
             phi = -alpha[t - 1] * np.expm1(-h)
             coefficients[i, :4] = (0.0, sigma[t - 1] / sigma[anchor], phi * 0.5 / r, phi * (1 - 0.5 / r))
         else:
-            coefficients[i, :4] = first_order
-    return coefficients
-
-
-def _sde_2m_coefficients(alpha, sigma, lam, lower_order_final: bool, coefficients: np.ndarray) -> np.ndarray:
-    """`_dpm_solver_pp_coefficients`'s stochastic 2M rows."""
-    num_steps = len(coefficients)
-    for i in range(num_steps):
-        t = num_steps - 1 - i
-        if t == 0:
-            coefficients[i, 2] = 1.0
-            continue
-        h = lam[t - 1] - lam[t]
-        phi = -alpha[t - 1] * np.expm1(-2 * h)
-        coefficients[i] = (sigma[t - 1] / sigma[t] * np.exp(-h), 0.0, phi, 0.0,
-                           sigma[t - 1] * np.sqrt(-np.expm1(-2 * h)))
-        if not (i == 0 or (lower_order_final and t == 1)):
-            r = (lam[t] - lam[t + 1]) / h
-            coefficients[i, 2:4] = (phi * (1 + 0.5 / r), -phi * 0.5 / r)
+            coefficients[i] = (a, 0.0, phi, 0.0, c)
     return coefficients
 
 
