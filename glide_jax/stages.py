@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from glide_jax import clip as clip_lib
-from glide_jax import parallel
+from glide_jax import parallel, xla_options
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import GaussianDiffusion
 from glide_jax.layers import resize_bilinear
@@ -273,7 +273,8 @@ def _run_program(spec: _Spec, args: tuple, mesh: Mesh, timing: StageTiming | Non
     cached = compiled is not None
     if compiled is None:
         fn = jax.jit(lambda *a: _program(spec, *a), out_shardings=parallel.batch_sharding(mesh))
-        compiled = _COMPILED[cache_key] = fn.lower(*args).compile()
+        options = xla_options.compiler_options(mesh.devices.flat)
+        compiled = _COMPILED[cache_key] = fn.lower(*args).compile(compiler_options=options)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     images = compiled(*args)

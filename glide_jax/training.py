@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from glide_jax import parallel
+from glide_jax import parallel, xla_options
 from glide_jax.config import ConfigError, ModelConfig
 
 DIFFUSION_KINDS = ("base", "upsample", "inpaint", "upsample_inpaint")
@@ -590,7 +590,8 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation, me
 
     replicated = parallel.replicated_sharding(mesh)
     return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else ())
+                   out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else (),
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
 
 def make_eval_loss(task: TrainTask, mesh) -> Callable[[Any, dict, jax.Array], dict]:
@@ -599,7 +600,8 @@ def make_eval_loss(task: TrainTask, mesh) -> Callable[[Any, dict, jax.Array], di
     def evaluate(params, batch, key):
         return task.loss(params, batch, key, False)[1]
 
-    return jax.jit(evaluate, out_shardings=parallel.replicated_sharding(mesh))
+    return jax.jit(evaluate, out_shardings=parallel.replicated_sharding(mesh),
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
 
 def check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
