@@ -36,12 +36,19 @@ class GroupNorm32(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         h = x.astype(jnp.float32)
-        grouped = h.reshape(*h.shape[:-1], self.groups, channels // self.groups)
-        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axis=reduce_axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
-        grouped = (grouped - mean) * jax.lax.rsqrt(var + NORM_EPS)
-        y = grouped.reshape(h.shape) * scale + bias
+        # Two-pass statistics, summed per channel over the positions first and only then over each
+        # group's channels, and applied per channel: XLA:CPU vectorises [B, positions, C] far better
+        # than the [B, positions, groups, C/G] view (whose innermost axis is C/G, e.g. 6).
+        positions = tuple(range(1, h.ndim - 1))
+        per_group = channels // self.groups
+        count = math.prod(h.shape[1:-1]) * per_group
+
+        def group_means(per_channel_sums):   # [B, C] -> [B, 1, ..., C]: each channel's group mean
+            means = per_channel_sums.reshape(-1, self.groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=-1).reshape(h.shape[:1] + (1,) * len(positions) + (channels,))
+
+        centred = h - group_means(h.sum(positions))
+        y = centred * jax.lax.rsqrt(group_means(jnp.square(centred).sum(positions)) + NORM_EPS) * scale + bias
         if self.swish:
             y = nn.silu(y)
         return y.astype(x.dtype)
