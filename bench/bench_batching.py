@@ -9,7 +9,8 @@ weights (bench_sample.random_params). Classifier-free guidance scale 3, ancestra
 each image runs the U-Net on 2 rows per step. `--progress` compiles the per-step host callback
 into the loop (what the CLI's progress bar costs), and runs each case with and without it.
 
-Each XLA setting (`--variants`, see `VARIANTS`: `default` = XLA's own, `O0` =
+Each XLA setting (`--variants`, see `VARIANTS`: `default` = glide-jax as shipped, `xla-default` =
+XLA's own defaults (`GLIDE_JAX_XLA_OPTIONS=0`), `O0` =
 `--xla_backend_optimization_level=0`, what the CLI used to force for every demo run, `1thread` =
 one intra-op thread) runs in its own subprocess, since XLA reads its flags once per process. In each, per batch size: compile (reported), one warm-up run, then the
 median of `--repeats` timed runs. The 1-minute load average is printed with every row; the
@@ -27,10 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# name -> (XLA_FLAGS added, environment added). "default" is glide-jax as shipped (its CPU compiler
+# options, glide_jax.xla_options); "xla-default" compiles with XLA's own defaults instead.
 VARIANTS = {
-    "default": "",
-    "O0": "--xla_backend_optimization_level=0",
-    "1thread": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "default": ("", {}),
+    "xla-default": ("", {"GLIDE_JAX_XLA_OPTIONS": "0"}),
+    "O0": ("--xla_backend_optimization_level=0", {}),
+    "1thread": ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1", {}),
 }
 
 
@@ -117,8 +121,9 @@ def main(argv=None) -> int:
     rows = []
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for opt in args.variants.split(","):
-        env = dict(os.environ, GLIDE_JAX_COMPILE_CACHE="0", PYTHONPATH=str(ROOT))
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[opt]).strip()
+        flags, extra_env = VARIANTS[opt]
+        env = dict(os.environ, GLIDE_JAX_COMPILE_CACHE="0", PYTHONPATH=str(ROOT), **extra_env)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         command = [sys.executable, __file__, "--opt", opt, "--model", args.model, "--batch-sizes", args.batch_sizes,
                    "--steps", str(args.steps), "--repeats", str(args.repeats)] + (["--progress"] if args.progress else [])
         proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glide_jax import xla_options
 from glide_jax.clip import ClipConfig, clip_cond_fn, clip_params_shapes, l2_normalize
 from glide_jax.config import ModelConfig
 from glide_jax.diffusion import diffusion_for_model
@@ -60,16 +61,34 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Restarts the kernel's peak-RSS count (VmHWM) for this process; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 class PeakMemory:
-    """Peak memory while the `with` block runs: device stats on an accelerator, else host RSS
-    sampled every 20 ms (ru_maxrss is a whole-process peak, useless for one case among many)."""
+    """Peak memory while the `with` block runs: device stats on an accelerator, else the host's
+    peak RSS, restarted for the block (Linux's clear_refs). Only where that is refused is RSS
+    sampled every 20 ms instead, by a thread that costs the timed loop a few percent on 2 cores
+    (it preempts one of XLA's two compute threads 50 times a second)."""
 
     def __init__(self):
         self.device = jax.devices()[0]
         self.on_host = self.device.platform == "cpu"
 
     def __enter__(self):
-        if self.on_host:
+        self._thread = None
+        if self.on_host and not _reset_peak_rss():
             self.peak = _rss_bytes()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -82,9 +101,12 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.on_host:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+                self.peak = max(self.peak, _rss_bytes())
+            else:
+                self.peak = _peak_rss_bytes()
             self.kind = "host RSS"
         else:
             stats = self.device.memory_stats() or {}
@@ -127,12 +149,17 @@ def _tokens(config: ModelConfig, batch_pairs: int):
     return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-def _time_compiled(run, args, steps: int) -> dict:
-    """Compile `run` for `args`, run it once to warm up and once timed."""
+def _options(xla: str) -> dict | None:
+    """"glide": the compiler options glide-jax's own programs get (glide_jax.xla_options); "default": none."""
+    return xla_options.compiler_options(jax.devices()) if xla == "glide" else None
+
+
+def _time_compiled(run, args, steps: int, options: dict | None) -> dict:
+    """Compile `run` for `args` (with XLA `options`), run it once to warm up and once timed."""
     t0 = time.perf_counter()
     lowered = jax.jit(run).lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options)
     t2 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     t3, c3 = time.perf_counter(), time.process_time()
@@ -164,13 +191,14 @@ def cfg_program(config: ModelConfig, dtype: str, batch_pairs: int, steps: int, a
     return run, (tokens, mask, jax.random.key(0), jnp.float32(3.0))
 
 
-def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int) -> dict:
+def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int, xla: str = "glide") -> dict:
     """Classifier-free guided ancestral sampling of `batch_pairs` images (2·B rows per step)."""
     run, inputs = cfg_program(config, dtype, batch_pairs, steps)
     load_before = _load()
     with PeakMemory() as memory:
-        timing = _time_compiled(run, (params,) + inputs, steps)
-    return {"kind": "cfg", "dtype": dtype, "batch_pairs": batch_pairs, "model_batch": 2 * batch_pairs,
+        timing = _time_compiled(run, (params,) + inputs, steps, _options(xla))
+    return {"kind": "cfg", "dtype": dtype, "xla": xla, "xla_options": _options(xla),
+            "batch_pairs": batch_pairs, "model_batch": 2 * batch_pairs,
             "steps": steps, **timing, "images_per_s": batch_pairs / timing["step_s"],
             "peak_memory_bytes": memory.peak, "memory_kind": memory.kind,
             "load_before": load_before, "load_after": _load()}
@@ -204,8 +232,8 @@ def bench_clip(params, config: ModelConfig, clip_params, clip_config: ClipConfig
     run, inputs = clip_program(config, clip_config, batch, steps)
     load_before = _load()
     with PeakMemory() as memory:
-        timing = _time_compiled(run, (params, clip_params) + inputs, steps)
-    return {"kind": "clip", "dtype": "float32", "batch_pairs": batch, "model_batch": batch,
+        timing = _time_compiled(run, (params, clip_params) + inputs, steps, _options("glide"))
+    return {"kind": "clip", "dtype": "float32", "xla": "glide", "batch_pairs": batch, "model_batch": batch,
             "steps": steps, **timing, "images_per_s": batch / timing["step_s"],
             "peak_memory_bytes": memory.peak, "memory_kind": memory.kind,
             "load_before": load_before, "load_after": _load()}
@@ -229,7 +257,10 @@ job = json.loads(sys.argv[1])
 th.manual_seed(0)
 dev = th.device(job["device"])
 options = model_and_diffusion_defaults()
-options.update(use_fp16=job["fp16"], timestep_respacing=str(job["steps"] + 1))
+# As many warm-up steps as timed ones, as our loop gets a whole warm-up run: torch's first steps
+# after start-up are up to 30% slower than its later ones (its allocator is still growing).
+warmup = job["steps"]
+options.update(use_fp16=job["fp16"], timestep_respacing=str(warmup + job["steps"]))
 model, diffusion = create_model_and_diffusion(**options)
 model.eval()
 if job["fp16"]:
@@ -287,7 +318,7 @@ with th.no_grad():
         model.get_text_emb(tokens, mask)
         sync()
         text_times.append(time.perf_counter() - t0)
-    for i in reversed(range(job["steps"] + 1)):  # the first (highest-t) step is the warm-up
+    for i in reversed(range(warmup + job["steps"])):  # the first (highest-t) steps are the warm-up
         t = th.full((rows,), i, dtype=th.long, device=dev)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -295,7 +326,7 @@ with th.no_grad():
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-print(json.dumps({"step_times_s": times[1:], "step_cpu_times_s": cpu_times[1:], "warmup_step_s": times[0], "text_encoder_s": text_times[-1],
+print(json.dumps({"step_times_s": times[warmup:], "step_cpu_times_s": cpu_times[warmup:], "warmup_steps_s": times[:warmup], "text_encoder_s": text_times[-1],
                   "peak_rss_bytes": peak_rss(), "device": str(dev), "fp16": job["fp16"],
                   "peak_device_bytes": th.cuda.max_memory_allocated() if dev.type == "cuda" else None,
                   "threads": th.get_num_threads(), "torch": th.__version__}))
@@ -331,16 +362,17 @@ def _gib(n: int) -> str:
 
 def table(results: dict) -> str:
     torch_by = {(r["kind"], r["batch_pairs"]): r for r in results["torch"]}
-    cfg32 = {r["batch_pairs"]: r for r in results["jax"] if r["kind"] == "cfg" and r["dtype"] == "float32"}
+    cfg32 = {r["batch_pairs"]: r for r in results["jax"]
+             if r["kind"] == "cfg" and r["dtype"] == "float32" and r["xla"] == "glide"}
     lines = [
         f"device: {results['device']}; jax {results['jax_version']}; {results['cpu_count']} CPUs; "
         f"params init {results['init_s']:.1f} s",
-        "kind  dtype     B  rows  compile_s  lower_s  step_s  cpu_s   img/s   peak_GiB  load  | "
+        "kind  dtype     xla      B  rows  compile_s  lower_s  step_s  cpu_s   img/s   peak_GiB  load  | "
         "torch_step_s  ratio  torch_cpu_s  cpu_ratio  torch_peak_GiB  load",
     ]
     for r in results["jax"]:
         t = torch_by.get((r["kind"], r["batch_pairs"]))
-        cols = (f"{r['kind']:<5} {r['dtype']:<9} {r['batch_pairs']:<2} {r['model_batch']:<5} "
+        cols = (f"{r['kind']:<5} {r['dtype']:<9} {r['xla']:<8} {r['batch_pairs']:<2} {r['model_batch']:<5} "
                 f"{r['compile_s']:9.1f}  {r['trace_lower_s']:7.1f}  {r['step_s']:7.4f}  "
                 f"{r['step_cpu_s']:5.2f}  {r['images_per_s']:6.3f}  {_gib(r['peak_memory_bytes']):>8}  "
                 f"{r['load_before']:4.1f}")
@@ -370,10 +402,14 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-device", default="cpu", help="where the original runs: cpu or cuda")
     parser.add_argument("--torch-fp16", action="store_true",
                         help="run the original in float16 (its GPU setting); compared with our bfloat16 rows")
+    parser.add_argument("--xla-options", choices=("glide", "default", "both"), default="glide",
+                        help="compile with glide-jax's XLA options (glide_jax.xla_options), without them "
+                             "(XLA's defaults), or both, one after the other for each classifier-free case")
     parser.add_argument("--json", default="bench_sample.json", help="where to write the results")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     dtypes = args.dtypes.split(",")
+    xla_settings = ("default", "glide") if args.xla_options == "both" else (args.xla_options,)
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         parser.error(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
@@ -394,9 +430,10 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         cast = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
         for b in batch_sizes:
-            r = bench_cfg(cast, config, dtype, b, args.steps)
-            results["jax"].append(r)
-            print(json.dumps(r), flush=True)
+            for xla in xla_settings:
+                r = bench_cfg(cast, config, dtype, b, args.steps, xla)
+                results["jax"].append(r)
+                print(json.dumps(r), flush=True)
         del cast
     if args.clip:
         clip_config = ClipConfig.from_json(CONFIGS / "clip.json")
