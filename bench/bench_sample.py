@@ -194,10 +194,11 @@ def cfg_program(config: ModelConfig, dtype: str, batch_pairs: int, steps: int, a
 def bench_cfg(params, config: ModelConfig, dtype: str, batch_pairs: int, steps: int, xla: str = "glide") -> dict:
     """Classifier-free guided ancestral sampling of `batch_pairs` images (2·B rows per step)."""
     run, inputs = cfg_program(config, dtype, batch_pairs, steps)
+    options = _options(xla)
     load_before = _load()
     with PeakMemory() as memory:
-        timing = _time_compiled(run, (params,) + inputs, steps, _options(xla))
-    return {"kind": "cfg", "dtype": dtype, "xla": xla, "xla_options": _options(xla),
+        timing = _time_compiled(run, (params,) + inputs, steps, options)
+    return {"kind": "cfg", "dtype": dtype, "xla": xla, "xla_options": options,
             "batch_pairs": batch_pairs, "model_batch": 2 * batch_pairs,
             "steps": steps, **timing, "images_per_s": batch_pairs / timing["step_s"],
             "peak_memory_bytes": memory.peak, "memory_kind": memory.kind,

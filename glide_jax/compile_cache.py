@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 ENV = "GLIDE_JAX_COMPILE_CACHE"
-_OFF = {"0", "false", "no", "off"}
+# What turns off one of glide-jax's on-by-default switches (this one, glide_jax.xla_options).
+OFF_VALUES = {"0", "false", "no", "off"}
 
 
 def cache_directory() -> Path | None:
@@ -20,7 +21,7 @@ def cache_directory() -> Path | None:
     from glide_jax import download
 
     value = os.environ.get(ENV, "").strip()
-    if value.lower() in _OFF:
+    if value.lower() in OFF_VALUES:
         return None
     return Path(value).expanduser() if value else download.cache_dir() / "xla"
 

@@ -2,9 +2,9 @@
 compiled with, per platform.
 
 XLA:CPU (jaxlib 0.10) hands convolutions, matrix products and reductions to YNNPACK by default.
-On GLIDE's 3x3 convolutions YNNPACK is 1.2-1.6x slower than XLA's own (Eigen) convolution on
-these CPUs, while its matrix products and reductions are the faster ones (a softmax over 1152
-keys takes half the time). So on the CPU convolutions are kept off YNNPACK: the full-size guided
+On GLIDE's 3x3 convolutions YNNPACK is slower than XLA's own (Eigen) convolution on these CPUs
+(1.5x over the U-Net's 74 convolutions, up to 2.7x on some shapes), while its matrix products and
+reductions are the faster ones (a softmax over 1152 keys takes half the time). So on the CPU convolutions are kept off YNNPACK: the full-size guided
 base step went from 2.72 s to 2.19 s on 2 idle cores (bench/README, "CPU float32 against the
 original"). Other platforms get no options.
 
@@ -19,16 +19,13 @@ import os
 import warnings
 from collections.abc import Iterable
 
+from glide_jax.compile_cache import OFF_VALUES
+
 ENV = "GLIDE_JAX_XLA_OPTIONS"
-_OFF = {"0", "false", "no", "off"}
 
 CPU_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
-
-
-def _user_flags() -> str:
-    return os.environ.get("XLA_FLAGS", "")
 
 
 @functools.cache
@@ -55,12 +52,12 @@ def _accepted_on_cpu(options: tuple[tuple[str, str], ...]) -> tuple[tuple[str, s
 def compiler_options(devices: Iterable) -> dict[str, str] | None:
     """Options to pass as `compiler_options=` when compiling a program for `devices` (a mesh's
     devices), or None when there are none for that platform."""
-    if os.environ.get(ENV, "").strip().lower() in _OFF:
+    if os.environ.get(ENV, "").strip().lower() in OFF_VALUES:
         return None
     platforms = {device.platform for device in devices}
     if platforms != {"cpu"}:
         return None
-    flags = _user_flags()
+    flags = os.environ.get("XLA_FLAGS", "")
     wanted = tuple((name, value) for name, value in CPU_OPTIONS.items() if f"--{name}=" not in flags)
     accepted = _accepted_on_cpu(wanted) if wanted else ()
     return dict(accepted) or None
